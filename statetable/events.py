@@ -1,0 +1,49 @@
+"""Change events the table reports to its listener (the pfsync engine).
+
+They are built only when a listener is set, so a table nobody watches pays nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Union
+
+if TYPE_CHECKING:
+    from statetable.state import State
+
+
+class RemoveReason(enum.Enum):
+    """Why a state left the table."""
+
+    EXPIRED = "expired"      # purge found it past its timeout
+    KILLED = "killed"        # pfctl -k / Kill RPC
+    FLUSHED = "flushed"      # pfctl -F states / CLR
+    REUSED = "reused"        # a new SYN reused the 4-tuple of a closed state
+    PEER = "peer"            # a sync peer deleted it (pfsync DEL_C); not re-announced
+
+
+@dataclass(frozen=True, slots=True)
+class StateInserted:
+    """A new state entered the table."""
+
+    state: State
+
+
+@dataclass(frozen=True, slots=True)
+class StateUpdated:
+    """A packet changed a state (its peers, windows or timeout)."""
+
+    state: State
+
+
+@dataclass(frozen=True, slots=True)
+class StateRemoved:
+    """A state left the table."""
+
+    state: State
+    reason: RemoveReason
+
+
+Event = Union[StateInserted, StateUpdated, StateRemoved]
+Listener = Callable[[Event], None]

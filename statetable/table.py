@@ -1,0 +1,357 @@
+"""The state table: lookup, creation policy, non-TCP tracking, limits, purge, counters.
+
+``StateTable.test(packet, now)`` is pf_test() for one decoded packet (see
+:mod:`statetable.decode`): it finds the packet's state in either direction, tracks it
+(TCP: :mod:`statetable.tcp`), or creates one when the policy allows, and returns PASS or
+BLOCK. Policy (there is no rule language): TCP states are created by a SYN without ACK,
+UDP/ICMP/other states by their first packet; ICMP errors never create states and pass
+only when they quote a tracked connection. Everything else is blocked and counted.
+
+State reuse: a pure SYN that hits a state whose peers are both >= FIN_WAIT_2 removes that
+state (reason REUSED) and creates a fresh state at once from the same SYN. pf drops that
+SYN and lets the retransmission create the state; creating it at once saves the client a
+retransmission timeout and keeps the first SYN's window data.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from pydantic import BaseModel, Field, field_validator
+
+from statetable import keys, tcp, timeouts as tmo
+from statetable.counters import (FCNT_STATE_INSERT, FCNT_STATE_REMOVALS, FCNT_STATE_SEARCH,
+                                 PFRES_BADSTATE, PFRES_MATCH, PFRES_MAXSTATES, PFRES_NAMES,
+                                 PFRES_STATEINS)
+from statetable.events import Listener, RemoveReason, StateInserted, StateRemoved, StateUpdated
+from statetable.state import (ESTABLISHED, FIN_WAIT_2, MULTIPLE, PACKET, SINGLE, State)
+
+PASS, BLOCK = 0, 1
+_SYN_ONLY_MASK = tcp.TH_SYN | tcp.TH_ACK | tcp.TH_RST | tcp.TH_FIN
+# State.timeout of a state already unlinked from the table (pf's PFTM_UNLINKED).
+UNLINKED = 22
+# Per protocol: (first, single, multiple) timeouts.
+_UDP_TIMEOUTS = (tmo.UDP_FIRST, tmo.UDP_SINGLE, tmo.UDP_MULTIPLE)
+_OTHER_TIMEOUTS = (tmo.OTHER_FIRST, tmo.OTHER_SINGLE, tmo.OTHER_MULTIPLE)
+_ICMP = (1, 58)
+
+
+class TableConfig(BaseModel):
+    """Settings of a table (validated: they may come from flags, files or the API)."""
+
+    hostid: int = Field(1, ge=0, le=0xFFFFFFFF)
+    # First state id; pf uses (boot time << 32) so ids stay unique across restarts.
+    id_base: int = Field(1 << 32, ge=1, lt=1 << 64)
+    limit_states: int = Field(100000, ge=1)
+    timeouts: dict[str, int] = Field(default_factory=dict)
+
+    @field_validator("timeouts")
+    @classmethod
+    def _known_timeouts(cls, value: dict[str, int]) -> dict[str, int]:
+        for name, seconds in value.items():
+            if name not in tmo.BY_NAME:
+                raise ValueError(f"unknown timeout {name!r}")
+            if seconds < 0:
+                raise ValueError(f"timeout {name} must be >= 0")
+        return value
+
+
+class StateTable:
+    """pf's state table. Sans-I/O: time comes in as ``now`` (seconds)."""
+
+    def __init__(self, config: TableConfig | None = None) -> None:
+        config = config or TableConfig()
+        self.hostid = config.hostid
+        self.limit_states = config.limit_states
+        self.timeouts: list[int] = list(tmo.DEFAULTS)
+        for name, seconds in config.timeouts.items():
+            self.timeouts[tmo.BY_NAME[name]] = seconds
+        self._next_id = config.id_base
+        # One dict per protocol, key -> State (keys do not carry the protocol).
+        self._by_proto: dict[int, dict[bytes, State]] = {6: {}, 17: {}, 1: {}, 58: {}}
+        self._tcp = self._by_proto[6]
+        # creatorid -> id -> State; nested so no (id, creatorid) tuple is kept per state.
+        self._by_id: dict[int, dict[int, State]] = {}
+        self.count = 0
+        self.half_open = 0
+        self.pfres: list[int] = [0] * len(PFRES_NAMES)
+        self.fcounters: list[int] = [0, 0, 0]
+        self.passed = 0
+        self.blocked = 0
+        # pfsync engine (or anything) that wants change events; None costs nothing.
+        self.listener: Listener | None = None
+        self._purge_queue: list[State] = []
+        self._purge_pos = 0
+
+    # ---- per-packet path -------------------------------------------------------------
+
+    def test(self, pkt: tuple, now: float) -> int:
+        """pf_test() for one decoded packet: PASS or BLOCK."""
+        proto, key, flags, seq, ack, win, dlen, iplen, opt = pkt
+        self.fcounters[FCNT_STATE_SEARCH] += 1
+        if proto == 6:
+            tab = self._tcp
+            st = tab.get(key)
+            fwd = True
+            if st is None:
+                st = tab.get(keys.reverse(key))
+                fwd = False
+                if st is None:
+                    if flags & _SYN_ONLY_MASK == tcp.TH_SYN:
+                        return self._create_tcp(key, flags, seq, win, dlen, iplen, opt, now)
+                    return self._no_state()
+            if fwd:
+                st.traffic += PACKET + iplen
+            else:
+                st.dst.traffic += PACKET + iplen
+            if flags & tcp.TH_SYN and not flags & tcp.TH_ACK and \
+                    st.state >= FIN_WAIT_2 and st.dst.state >= FIN_WAIT_2:
+                self.remove(st, RemoveReason.REUSED)
+                return self._create_tcp(key, flags, seq, win, dlen, iplen, opt, now)
+            was_half_open = st.state < ESTABLISHED
+            if not tcp.track(st, fwd, flags, seq, ack, win, dlen, opt, now):
+                self.pfres[PFRES_BADSTATE] += 1
+                self.blocked += 1
+                return BLOCK
+            if was_half_open and st.state >= ESTABLISHED:
+                self.half_open -= 1
+            if self.listener is not None:
+                self.listener(StateUpdated(st))
+            self.passed += 1
+            return PASS
+        if (proto == 1 or proto == 58) and opt is not None:
+            return self._icmp_error(opt)
+        return self._test_stateless_proto(proto, key, iplen, now)
+
+    def _no_state(self) -> int:
+        # Neither matches a state nor may create one: the implicit "block" rule matched.
+        self.pfres[PFRES_MATCH] += 1
+        self.blocked += 1
+        return BLOCK
+
+    def _create_tcp(self, key: bytes, flags: int, seq: int, win: int, dlen: int, iplen: int,
+                    opt: int, now: float) -> int:
+        st = self._new_state(key, 6, now)
+        if st is None:
+            return BLOCK
+        tcp.init_state(st, flags, seq, win, dlen, opt)
+        st.timeout = tmo.TCP_FIRST
+        st.traffic = PACKET + iplen
+        self.half_open += 1
+        self._link(st)
+        return PASS
+
+    def _test_stateless_proto(self, proto: int, key: bytes, iplen: int, now: float) -> int:
+        """UDP, ICMP queries and other protocols: peers go NO_TRAFFIC -> SINGLE -> MULTIPLE."""
+        tab = self._by_proto.get(proto)
+        if tab is None:
+            tab = self._by_proto[proto] = {}
+        st = tab.get(key)
+        fwd = True
+        if st is None:
+            st = tab.get(keys.reverse(key))
+            fwd = False
+            if st is None:
+                st = self._new_state(key, proto, now)
+                if st is None:
+                    return BLOCK
+                st.traffic = PACKET + iplen
+                if proto == 1 or proto == 58:
+                    st.timeout = tmo.ICMP_FIRST
+                else:
+                    st.state = SINGLE
+                    st.timeout = tmo.UDP_FIRST if proto == 17 else tmo.OTHER_FIRST
+                self._link(st)
+                return PASS
+        if fwd:
+            src, dst = st, st.dst
+        else:
+            src, dst = st.dst, st
+        src.traffic += PACKET + iplen
+        st.expire = now
+        if proto == 1 or proto == 58:
+            st.timeout = tmo.ICMP_ERROR          # pf: any matching ICMP query or reply
+        else:
+            if src.state < SINGLE:
+                src.state = SINGLE
+            if dst.state == SINGLE:
+                dst.state = MULTIPLE
+            first, single, multiple = _UDP_TIMEOUTS if proto == 17 else _OTHER_TIMEOUTS
+            st.timeout = multiple if src.state == MULTIPLE and dst.state == MULTIPLE else single
+        if self.listener is not None:
+            self.listener(StateUpdated(st))
+        self.passed += 1
+        return PASS
+
+    def _icmp_error(self, quoted: tuple[int, bytes]) -> int:
+        """An ICMP error passes when the packet it quotes belongs to a tracked state."""
+        proto, key = quoted
+        tab = self._by_proto.get(proto)
+        if tab is not None and (key in tab or keys.reverse(key) in tab):
+            self.passed += 1
+            return PASS
+        self.pfres[PFRES_BADSTATE] += 1
+        self.blocked += 1
+        return BLOCK
+
+    # ---- creation, insertion, removal ------------------------------------------------
+
+    def _new_state(self, key: bytes, proto: int, now: float) -> State | None:
+        """A fresh local state, or None (counted) when the table is full."""
+        self.pfres[PFRES_MATCH] += 1
+        if self.count >= self.limit_states:
+            self.pfres[PFRES_MAXSTATES] += 1
+            self.blocked += 1
+            return None
+        st = State(key, proto, self._next_id, self.hostid, now)
+        self._next_id += 1
+        self.passed += 1
+        return st
+
+    def _link(self, st: State) -> None:
+        self._by_proto[st.proto][st.key] = st
+        ids = self._by_id.get(st.creatorid)
+        if ids is None:
+            ids = self._by_id[st.creatorid] = {}
+        ids[st.id] = st
+        self.count += 1
+        self.fcounters[FCNT_STATE_INSERT] += 1
+        if self.listener is not None:
+            self.listener(StateInserted(st))
+
+    def insert(self, st: State) -> bool:
+        """Insert a state built elsewhere (a sync peer's); False (counted) if it collides.
+
+        A state whose key or (id, creatorid) is already present is refused with
+        ``state-insert``; a full table refuses with ``state-limit``.
+        """
+        tab = self._by_proto.get(st.proto)
+        if tab is None:
+            tab = self._by_proto[st.proto] = {}
+        if st.key in tab or keys.reverse(st.key) in tab or \
+                self.get_by_id(st.id, st.creatorid) is not None:
+            self.pfres[PFRES_STATEINS] += 1
+            return False
+        if self.count >= self.limit_states:
+            self.pfres[PFRES_MAXSTATES] += 1
+            return False
+        if st.proto == 6 and st.state < ESTABLISHED:
+            self.half_open += 1
+        self._link(st)
+        return True
+
+    def remove(self, st: State, reason: RemoveReason) -> None:
+        """Unlink a state; it may still sit in the purge queue, marked UNLINKED."""
+        if st.timeout == UNLINKED:
+            return
+        del self._by_proto[st.proto][st.key]
+        ids = self._by_id[st.creatorid]
+        del ids[st.id]
+        if not ids:
+            del self._by_id[st.creatorid]
+        if st.proto == 6 and st.state < ESTABLISHED:
+            self.half_open -= 1
+        st.timeout = UNLINKED
+        self.count -= 1
+        self.fcounters[FCNT_STATE_REMOVALS] += 1
+        if self.listener is not None:
+            self.listener(StateRemoved(st, reason))
+
+    # ---- lookup and iteration --------------------------------------------------------
+
+    def get_by_id(self, id: int, creatorid: int) -> State | None:
+        """The state with this sync identity, or None."""
+        ids = self._by_id.get(creatorid)
+        return None if ids is None else ids.get(id)
+
+    def find(self, proto: int, key: bytes) -> tuple[State, bool] | None:
+        """(state, packet-is-from-its-source) for a packet's key, in either direction."""
+        tab = self._by_proto.get(proto)
+        if tab is None:
+            return None
+        st = tab.get(key)
+        if st is not None:
+            return st, True
+        st = tab.get(keys.reverse(key))
+        return None if st is None else (st, False)
+
+    def states(self) -> Iterator[State]:
+        """Every state (snapshot: safe against removal while iterating)."""
+        for tab in list(self._by_proto.values()):
+            yield from list(tab.values())
+
+    def ids_for(self, creatorid: int) -> list[State]:
+        """Every state made by one creator."""
+        return list(self._by_id.get(creatorid, {}).values())
+
+    # ---- timeouts and purge ----------------------------------------------------------
+
+    def expires_at(self, st: State) -> float:
+        """pf_state_expires(): when ``st`` expires at the table's current size."""
+        if st.timeout >= tmo.PFTM_MAX:
+            return st.expire if st.timeout == tmo.PURGE else float("-inf")
+        scale = tmo.adaptive_scale(self.timeouts, self.count)
+        if scale is None:
+            return st.expire
+        return st.expire + self.timeouts[st.timeout] * scale
+
+    def purge(self, now: float, maxcheck: int | None = None) -> int:
+        """Remove expired states, looking at no more than ``maxcheck`` states.
+
+        Called once a second, the default bound (1 + states / interval) sweeps the whole
+        table once per ``interval`` seconds, as pf does, so no single call stalls packets.
+        Returns how many states were removed.
+        """
+        if maxcheck is None:
+            maxcheck = 1 + self.count // max(1, self.timeouts[tmo.INTERVAL])
+        scale = tmo.adaptive_scale(self.timeouts, self.count)
+        if scale is None:
+            lifetimes = [0.0] * tmo.PFTM_MAX
+        else:
+            lifetimes = [t * scale for t in self.timeouts]
+        lifetimes += [0.0, float("-inf")]        # PFTM_MAX (unused), PURGE: expire now
+        removed = 0
+        queue, pos = self._purge_queue, self._purge_pos
+        rebuilt = False
+        while maxcheck > 0:
+            if pos >= len(queue):
+                if rebuilt:
+                    break               # one full sweep per call at most
+                queue = [st for tab in self._by_proto.values() for st in tab.values()]
+                pos, rebuilt = 0, True
+            end = min(len(queue), pos + maxcheck)
+            maxcheck -= end - pos
+            for i in range(pos, end):
+                st = queue[i]
+                timeout = st.timeout
+                if timeout != UNLINKED and st.expire + lifetimes[timeout] <= now:
+                    self.remove(st, RemoveReason.EXPIRED)
+                    removed += 1
+            pos = end
+        self._purge_queue, self._purge_pos = queue, pos
+        return removed
+
+    # ---- administration --------------------------------------------------------------
+
+    def kill(self, st: State) -> None:
+        """Remove one state on an operator's request."""
+        self.remove(st, RemoveReason.KILLED)
+
+    def clear(self, creatorid: int | None = None, reason: RemoveReason = RemoveReason.FLUSHED
+              ) -> int:
+        """Remove every state (of one creator, if given); returns how many."""
+        victims = self.ids_for(creatorid) if creatorid is not None else list(self.states())
+        for st in victims:
+            self.remove(st, reason)
+        return len(victims)
+
+    def clear_counters(self) -> None:
+        """pfctl -F info: zero the PFRES and state-table counters."""
+        self.pfres = [0] * len(PFRES_NAMES)
+        self.fcounters = [0, 0, 0]
+        self.passed = self.blocked = 0
+
+    def new_id(self) -> int:
+        """Reserve a state id of this host (for states built outside ``test``)."""
+        self._next_id += 1
+        return self._next_id - 1
