@@ -1,0 +1,1 @@
+"""Command line tools of pfsyncd (pfctl, ...): gRPC clients of a node, nothing more."""
