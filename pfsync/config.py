@@ -1,0 +1,103 @@
+"""pfsyncd settings: command-line flags over ``PFSYNCD_*`` environment over a TOML file.
+
+One pydantic model validates all three sources, so a bad value gets the same one-line
+error wherever it came from.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict,
+                               TomlConfigSettingsSource)
+
+
+class ConfigError(Exception):
+    """A setting that cannot be used; the message is one line."""
+
+
+def _host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    return value
+
+
+class NodeConfig(BaseSettings):
+    """Everything a node is started with."""
+
+    model_config = SettingsConfigDict(env_prefix="PFSYNCD_", extra="forbid")
+
+    hostid: int = Field(default_factory=lambda: secrets.randbits(32) or 1, ge=1,
+                        le=0xFFFFFFFF, description="creatorid of states made here (hex)")
+    control: str = Field("127.0.0.1:7070", description="Control API address")
+    pcap: list[Path] = Field(default_factory=list, description="capture files to replay")
+    replay_speed: float = Field(0.0, ge=0.0, description="0: as fast as possible, 1: real time")
+    capture: list[str] = Field(default_factory=list, description="interfaces to capture on")
+    limit_states: int = Field(100000, ge=1, description="hard state limit")
+    admin_token_file: Path | None = Field(None, description="token for admin calls")
+
+    @field_validator("hostid", mode="before")
+    @classmethod
+    def _hex_hostid(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return int(value, 16)
+            except ValueError:
+                raise ValueError(f"{value!r} is not a hex number") from None
+        return value
+
+    @field_validator("control")
+    @classmethod
+    def _control_address(cls, value: str) -> str:
+        return _host_port(value)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
+                                   init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = settings_cls.model_config.get("toml_file")
+        if toml_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file))
+        return tuple(sources)
+
+
+def load_config(flags: dict[str, Any], config_file: Path | None = None) -> NodeConfig:
+    """Merge flags, environment and the TOML file; raise ConfigError in one line."""
+    cls: type[NodeConfig] = NodeConfig
+    if config_file is not None:
+        if not config_file.is_file():
+            raise ConfigError(f"{config_file}: no such config file")
+
+        class FileConfig(NodeConfig):
+            model_config = SettingsConfigDict(**NodeConfig.model_config, toml_file=config_file)
+
+        cls = FileConfig
+    try:
+        return cls(**flags)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        raise ConfigError(f"invalid setting {where}: {err['msg']}") from None
+    except (OSError, ValueError) as exc:            # unreadable or malformed TOML
+        raise ConfigError(f"{config_file}: {exc}") from None
+
+
+def is_loopback_peer(peer: str) -> bool:
+    """Whether a gRPC peer string (``ipv4:127.0.0.1:5555``, ``ipv6:[::1]:5555``) is local."""
+    kind, _, rest = peer.partition(":")
+    if kind == "unix":
+        return True
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

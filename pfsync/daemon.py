@@ -1,0 +1,148 @@
+"""pfsyncd: run a node — a state table fed by capture replays and live interfaces, served
+over gRPC (Control, health, reflection).
+
+Usage errors and unusable settings print one line and exit 2; a running node logs one
+line per notable event and stops cleanly on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf.internal import api_implementation
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from pfsync.config import ConfigError, NodeConfig, load_config
+from pfsync.control import ControlService
+from pfsync.node import Node
+from pfsync.v1 import control_pb2, control_pb2_grpc
+
+PROG = "pfsyncd"
+log = logging.getLogger(PROG)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        print(f"{PROG}: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """pfsyncd's flags; each may also come from PFSYNCD_<NAME> or the --config file."""
+    p = _Parser(prog=PROG, description="Run a pfsyncd node: a pf-style state table fed by "
+                "capture replays and live interfaces, served over gRPC.",
+                argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help="TOML file with the same settings (flags and PFSYNCD_* env win)")
+    p.add_argument("--hostid", metavar="HEX", help="creatorid of states made here "
+                   "(default: random 32-bit)")
+    p.add_argument("--control", metavar="ADDR", help="Control API address "
+                   "(default 127.0.0.1:7070)")
+    p.add_argument("--pcap", type=Path, action="append", metavar="FILE",
+                   help="replay a pcap/pcapng capture into the table (repeatable)")
+    p.add_argument("--replay-speed", type=float, metavar="X",
+                   help="0 = as fast as possible (default), 1 = real time, 2 = twice as fast")
+    p.add_argument("--capture", action="append", metavar="IFACE",
+                   help="track live traffic of an interface (Linux AF_PACKET, root; repeatable)")
+    p.add_argument("--limit-states", type=int, metavar="N",
+                   help="hard state limit (default 100000)")
+    p.add_argument("--admin-token-file", type=Path, metavar="FILE",
+                   help="token required for admin calls (default: admin calls from loopback "
+                   "only)")
+    p.add_argument("--exit-after-replay", action="store_true", default=False,
+                   help="stop once every --pcap file is replayed (no --capture allowed)")
+    p.add_argument("-v", "--verbose", action="store_true", default=False,
+                   help="log debug details")
+    return p
+
+
+async def serve(config: NodeConfig, exit_after_replay: bool = False) -> int:
+    """Run a node until a signal (or the end of the replays); returns the exit status."""
+    node = Node(config.hostid, limit_states=config.limit_states)
+    admin_token = None
+    if config.admin_token_file is not None:
+        admin_token = config.admin_token_file.read_text().strip()
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    control_pb2_grpc.add_ControlServicer_to_server(ControlService(node, admin_token), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (control_pb2.DESCRIPTOR.services_by_name["Control"].full_name,
+         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    if server.add_insecure_port(config.control) == 0:
+        print(f"{PROG}: cannot listen on {config.control}", file=sys.stderr)
+        return 1
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    log.info("hostid %08x, control API on %s", config.hostid, config.control)
+
+    try:
+        for ifname in config.capture:
+            node.start_capture(ifname)
+    except OSError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        await server.stop(None)
+        return 1
+    for path in config.pcap:
+        node.start_replay(path, config.replay_speed)
+    purge = asyncio.create_task(node.purge_forever())
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if exit_after_replay:
+        await asyncio.gather(*(s.task for s in node.sources if s.task is not None))
+    else:
+        await stop.wait()
+    purge.cancel()
+    await server.stop(1.0)
+    failed = [s for s in node.sources if s.error]
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point."""
+    if api_implementation.Type() != "upb":
+        print(f"{PROG}: protobuf runs its slow '{api_implementation.Type()}' backend; "
+              "install protobuf's upb wheels", file=sys.stderr)
+        return 1
+    args = vars(build_parser().parse_args(argv))
+    config_file = args.pop("config", None)
+    exit_after_replay = args.pop("exit_after_replay")
+    verbose = args.pop("verbose")
+    try:
+        config = load_config(args, config_file)
+    except ConfigError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    for path in config.pcap:
+        if not os.access(path, os.R_OK) or not path.is_file():
+            print(f"{PROG}: {path}: cannot read capture file", file=sys.stderr)
+            return 2
+    if exit_after_replay and (config.capture or not config.pcap):
+        print(f"{PROG}: --exit-after-replay needs --pcap and no --capture", file=sys.stderr)
+        return 2
+    if config.admin_token_file is not None and not os.access(config.admin_token_file, os.R_OK):
+        print(f"{PROG}: {config.admin_token_file}: cannot read token file", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format=f"{PROG}: %(message)s", stream=sys.stderr)
+    try:
+        return asyncio.run(serve(config, exit_after_replay))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""A node: one state table and the packet sources that feed it.
+
+This is the thin I/O shell around :mod:`statetable`: it owns the clock, decodes frames,
+counts what the decoder rejects, runs the purge timer and the packet sources (pcap
+replay, live AF_PACKET capture). The gRPC servicers read and steer it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from pfsync.pcap import CaptureError, read_capture
+from statetable import StateTable, TableConfig, decode_frame
+from statetable.decode import NOT_IP
+
+log = logging.getLogger("pfsyncd")
+
+# Frames replayed between two yields to the event loop at full speed: large enough that
+# the loop's overhead vanishes, small enough that API calls wait only milliseconds.
+REPLAY_BATCH = 4096
+PURGE_PERIOD = 1.0
+# Node.feed's verdict for a frame too broken to track (counted short/bad-offset/fragment).
+MALFORMED = 2
+
+
+@dataclass
+class PacketSource:
+    """Progress of one capture file or interface (shown by GetInfo)."""
+
+    kind: str
+    name: str
+    frames: int = 0
+    done: bool = False
+    error: str = ""
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class Node:
+    """A state table, its clock, and the sources that feed it."""
+
+    def __init__(self, hostid: int, limit_states: int = 100000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.started = clock()
+        self.hostid = hostid
+        # pf numbers states from (boot time << 32) so ids stay unique across restarts.
+        self.table = StateTable(TableConfig(hostid=hostid, id_base=int(time.time()) << 32,
+                                            limit_states=limit_states))
+        self.non_ip = 0
+        self.sources: list[PacketSource] = []
+
+    def feed(self, frame: bytes, linktype: int, now: float) -> int:
+        """Decode and test one frame: PASS, BLOCK or MALFORMED.
+
+        Frames that are not IP pass (pf never sees them) and are counted as ``non-ip``.
+        """
+        pkt = decode_frame(frame, linktype)
+        if type(pkt) is tuple:
+            return self.table.test(pkt, now)
+        if pkt == NOT_IP:
+            self.non_ip += 1
+            return 0
+        self.table.pfres[pkt] += 1           # short, bad-offset, fragment
+        self.table.blocked += 1
+        return MALFORMED
+
+    def decoder_counters(self) -> list[tuple[str, int]]:
+        """Frames the decoder kept from the table, by reason."""
+        return [("non-ip", self.non_ip)]
+
+    def clear_counters(self) -> None:
+        """pfctl -F info."""
+        self.table.clear_counters()
+        self.non_ip = 0
+
+    # ---- background work ---------------------------------------------------------------
+
+    async def purge_forever(self) -> None:
+        """Expire states once a second with bounded work (pf's purge thread)."""
+        while True:
+            await asyncio.sleep(PURGE_PERIOD)
+            self.table.purge(self.clock())
+
+    def start_replay(self, path: Path, speed: float) -> PacketSource:
+        """Replay a capture file into the table in the background."""
+        source = PacketSource("pcap", str(path))
+        source.task = asyncio.get_running_loop().create_task(self._replay(source, path, speed))
+        self.sources.append(source)
+        return source
+
+    async def _replay(self, source: PacketSource, path: Path, speed: float) -> None:
+        feed, clock = self.feed, self.clock
+        start = clock()
+        first_ts: float | None = None
+        try:
+            for ts, linktype, frame in read_capture(path):
+                if speed > 0:
+                    if first_ts is None:
+                        first_ts = ts
+                    delay = start + (ts - first_ts) / speed - clock()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                elif source.frames % REPLAY_BATCH == 0:
+                    await asyncio.sleep(0)
+                feed(frame, linktype, clock())
+                source.frames += 1
+        except CaptureError as exc:
+            source.error = str(exc)
+            log.error("%s", exc)
+        finally:
+            source.done = True
+        elapsed = clock() - start
+        log.info("replayed %d frames from %s in %.2f s", source.frames, path, elapsed)
+
+    def start_capture(self, ifname: str) -> PacketSource:
+        """Track live traffic of an interface (Linux AF_PACKET; needs root)."""
+        from pfsync.afpacket import PacketCapture
+
+        cap = PacketCapture.open(ifname)     # a bad name raises a one-line OSError
+        source = PacketSource("capture", ifname)
+        loop = asyncio.get_running_loop()
+
+        def readable() -> None:
+            while True:
+                got = cap.recv()
+                if got is None:
+                    return
+                _, linktype, frame = got
+                self.feed(frame, linktype, self.clock())
+                source.frames += 1
+
+        loop.add_reader(cap.fileno(), readable)
+        self.sources.append(source)
+        return source
