@@ -38,9 +38,8 @@ _LINKTYPES = {
 _TIMESPEC = struct.Struct("@qq")
 _TPACKET_STATS = struct.Struct("@II")  # tp_packets (includes drops), tp_drops
 _MAX_FRAME = 262144  # above the largest GSO frame, so frames are never cut
-_RCVBUF = (
-    64 * 1024 * 1024
-)  # a Python reader is slower than lo in bursts; the kernel buffers the gap
+# A Python reader is slower than lo in bursts; the kernel buffers the difference.
+_RCVBUF = 64 * 1024 * 1024
 
 
 class InterfaceError(OSError):
@@ -149,6 +148,8 @@ def _grow_receive_buffer(sock: socket.socket) -> None:
 def _timestamp(ancdata: list[tuple[int, int, bytes]]) -> float:
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+            sec: int
+            nsec: int
             sec, nsec = _TIMESPEC.unpack(data)
             return sec + nsec / 1e9
     return time.time()

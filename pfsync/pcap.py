@@ -404,7 +404,7 @@ class PcapWriter(_Writer):
 
 
 class PcapngWriter(_Writer):
-    """Write pcapng: one section, one interface (nanosecond `if_tsresol`), Enhanced Packet Blocks."""
+    """Write pcapng: one section, one interface with nanosecond `if_tsresol`, and EPBs."""
 
     _epb = struct.Struct("<IIIIIII")  # type, length, interface, ts high, ts low, caplen, origlen
 
