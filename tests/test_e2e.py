@@ -161,3 +161,33 @@ def test_help_of_every_console_script() -> None:
     for tool in ("pfsyncd", "pfctl"):
         proc = subprocess.run([BIN / tool, "--help"], capture_output=True, text=True, timeout=30)
         assert proc.returncode == 0 and "usage" in proc.stdout.lower()
+
+
+@pytest.mark.slow
+def test_live_capture_tracks_kernel_traffic() -> None:
+    """pfsyncd --capture lo inside a private namespace sees a real connection live."""
+    with traffic.isolated_loopback() as ns:
+        addr = f"127.0.0.1:{free_port()}"
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, BIN / "pfsyncd", "--capture", "lo",
+                                 "--control", addr], stderr=subprocess.PIPE, text=True)
+        in_ns = ["ip", "netns", "exec", ns, BIN / "pfctl", "-N", addr]
+        try:
+            deadline = time.monotonic() + 20
+            while subprocess.run([*in_ns, "-s", "info"], capture_output=True).returncode:
+                assert time.monotonic() < deadline and proc.poll() is None, "node did not start"
+                time.sleep(0.1)
+            conn = traffic.client_close_first()
+            row = f"all tcp {conn.server[0]}:{conn.server[1]} <- {conn.client[0]}:{conn.client[1]}"
+            deadline = time.monotonic() + 10
+            while True:
+                out = subprocess.run([*in_ns, "-s", "states"], capture_output=True, text=True)
+                rows = [r for r in out.stdout.splitlines() if r.startswith(row)]
+                if rows and rows[0].endswith("FIN_WAIT_2:FIN_WAIT_2"):
+                    break
+                assert time.monotonic() < deadline, out.stdout
+                time.sleep(0.1)
+            info = subprocess.run([*in_ns, "-s", "info"], capture_output=True, text=True).stdout
+            assert any(r.split()[:2] == ["state-mismatch", "0"] for r in info.splitlines())
+        finally:
+            proc.terminate()
+            assert proc.wait(10) == 0
