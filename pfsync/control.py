@@ -85,9 +85,10 @@ class ControlService(control_pb2_grpc.ControlServicer):
         for st in states:
             if request.proto and st.proto != request.proto:
                 continue
-            if request.address and request.address not in (st.endpoints()[0],
-                                                            st.endpoints()[2]):
-                continue
+            if request.address:
+                sa, _, da, _ = st.endpoints()
+                if request.address not in (sa, da):
+                    continue
             chunk.append(state_to_pb(node, st, now))
             if len(chunk) == CHUNK:
                 yield pb.StatesChunk(states=chunk)

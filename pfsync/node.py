@@ -20,8 +20,9 @@ from statetable.decode import NOT_IP
 
 log = logging.getLogger("pfsyncd")
 
-# Frames replayed between two yields to the event loop at full speed: large enough that
-# the loop's overhead vanishes, small enough that API calls wait only milliseconds.
+# Frames handled between two yields to the event loop (replay at full speed, live capture
+# bursts): large enough that the loop's overhead vanishes, small enough that API calls
+# wait only milliseconds.
 REPLAY_BATCH = 4096
 PURGE_PERIOD = 1.0
 # Node.feed's verdict for a frame too broken to track (counted short/bad-offset/fragment).
@@ -126,7 +127,8 @@ class Node:
         loop = asyncio.get_running_loop()
 
         def readable() -> None:
-            while True:
+            # At most one batch per wake-up, so a flood cannot starve the API.
+            for _ in range(REPLAY_BATCH):
                 got = cap.recv()
                 if got is None:
                     return
