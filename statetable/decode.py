@@ -167,6 +167,8 @@ def decode_ipv6(frame: bytes, off: int) -> tuple | int:
                 return PFRES_FRAG
             nxt = frame[p]
             p += 8
+            if p > end:
+                return PFRES_BADOFF
         else:
             break
     return _transport(frame, p, nxt, ips, end - p, plen + 40, True)
@@ -217,7 +219,9 @@ def _quoted(frame: bytes, off: int, v6: bool) -> tuple[int, bytes] | int:
         proto = frame[off + 6]
         ips, l4 = frame[off + 8:off + 40], off + 40
         # Extension headers in the quote are rare; only the common chain is walked.
-        while proto in _IPV6_EXT_HEADERS and len(frame) >= l4 + 2:
+        while proto in _IPV6_EXT_HEADERS:
+            if len(frame) < l4 + 2:
+                return PFRES_SHORT
             proto, l4 = frame[l4], l4 + ((frame[l4 + 1] + 1) << 3)
     else:
         if len(frame) < off + 20:

@@ -131,7 +131,7 @@ def track(st: State, fwd: bool, flags: int, seq: int, ack: int, win: int, dlen: 
         return True
 
     if ((dst.state < SYN_SENT or dst.state >= FIN_WAIT_2 or src.state >= FIN_WAIT_2)
-            and ((seqlo + MAXACKWINDOW - data_end) & M) < H
+            and ((src.seqhi + MAXACKWINDOW - data_end) & M) < H
             and ((seq - seqlo + MAXACKWINDOW) & M) < H):
         # Loose match: shotgunned SYNs, a stream picked up mid-way, or stray segments
         # right after close. Windows move, the timeout does not (so floods age out).
