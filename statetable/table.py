@@ -100,14 +100,14 @@ class StateTable:
                     if flags & _SYN_ONLY_MASK == tcp.TH_SYN:
                         return self._create_tcp(key, flags, seq, win, dlen, iplen, opt, now)
                     return self._no_state()
+            if flags & _SYN_ONLY_MASK == tcp.TH_SYN and \
+                    st.state >= FIN_WAIT_2 and st.dst.state >= FIN_WAIT_2:
+                self.remove(st, RemoveReason.REUSED)
+                return self._create_tcp(key, flags, seq, win, dlen, iplen, opt, now)
             if fwd:
                 st.traffic += PACKET + iplen
             else:
                 st.dst.traffic += PACKET + iplen
-            if flags & tcp.TH_SYN and not flags & tcp.TH_ACK and \
-                    st.state >= FIN_WAIT_2 and st.dst.state >= FIN_WAIT_2:
-                self.remove(st, RemoveReason.REUSED)
-                return self._create_tcp(key, flags, seq, win, dlen, iplen, opt, now)
             was_half_open = st.state < ESTABLISHED
             if not tcp.track(st, fwd, flags, seq, ack, win, dlen, opt, now):
                 self.pfres[PFRES_BADSTATE] += 1
@@ -235,6 +235,8 @@ class StateTable:
         if self.count >= self.limit_states:
             self.pfres[PFRES_MAXSTATES] += 1
             return False
+        if st.timeout >= tmo.PFTM_MAX:
+            raise ValueError("a state must carry a real timeout to be inserted")
         if st.proto == 6 and st.state < ESTABLISHED:
             self.half_open += 1
         self._link(st)

@@ -103,6 +103,15 @@ class Recorder:
         self.events.clear()
 
 
+def test_table_config_rejects_unknown_and_negative_timeouts() -> None:
+    with pytest.raises(ValueError):
+        TableConfig(timeouts={"tcp.bogus": 1})
+    with pytest.raises(ValueError):
+        TableConfig(timeouts={"udp.first": -1})
+    with pytest.raises(ValueError):
+        TableConfig(limit_states=0)
+
+
 # ---- UDP -------------------------------------------------------------------------------
 
 def test_udp_first_packet_creates_single_no_traffic() -> None:

@@ -593,6 +593,19 @@ def test_syn_on_a_state_not_fully_closed_is_not_reused() -> None:
     assert conn.table.fcounters[FCNT_STATE_REMOVALS] == 0
 
 
+@pytest.mark.parametrize("flags", [SYN | RST, SYN | FIN])
+def test_syn_with_rst_or_fin_on_a_closed_state_creates_no_state(flags: int) -> None:
+    # Only a pure SYN may create a TCP state (on an empty table SYN|RST and SYN|FIN are
+    # blocked); reusing a closed state's key must not open that back door.
+    empty = Conn()
+    assert empty.c(flags, 9000) == BLOCK and empty.table.count == 0
+    conn = closed_conn()
+    old = conn.st
+    conn.c(flags, 9000)
+    created = [s for s in conn.table.states() if s is not old]
+    assert created == []
+
+
 def test_syn_ack_on_a_closed_state_is_not_a_reuse() -> None:
     conn = closed_conn()
     old = conn.st
