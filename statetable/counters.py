@@ -13,5 +13,4 @@ PFRES_NAMES: tuple[str, ...] = (
  PFRES_MAXSTATES, PFRES_SRCLIMIT, PFRES_SYNPROXY, PFRES_TRANSLATE, PFRES_NOROUTE) = range(17)
 
 # pf's FCNT_STATE_* counters: how often the table was searched, inserted into, removed from.
-FCNT_NAMES: tuple[str, ...] = ("searches", "inserts", "removals")
 FCNT_STATE_SEARCH, FCNT_STATE_INSERT, FCNT_STATE_REMOVALS = range(3)

@@ -23,13 +23,8 @@ U16: tuple[int, ...] = tuple(range(65536))
 # TCP peer states (pf's TCPS_*, compared with < and >=).
 (CLOSED, LISTEN, SYN_SENT, SYN_RCVD, ESTABLISHED, CLOSE_WAIT, FIN_WAIT_1, CLOSING,
  LAST_ACK, FIN_WAIT_2, TIME_WAIT) = range(11)
-TCP_STATE_NAMES: tuple[str, ...] = (
-    "CLOSED", "LISTEN", "SYN_SENT", "SYN_RCVD", "ESTABLISHED", "CLOSE_WAIT",
-    "FIN_WAIT_1", "CLOSING", "LAST_ACK", "FIN_WAIT_2", "TIME_WAIT",
-)
 # UDP and "other" peer states (pf's PFUDPS_* / PFOTHERS_*).
 NO_TRAFFIC, SINGLE, MULTIPLE = range(3)
-UDP_STATE_NAMES: tuple[str, ...] = ("NO_TRAFFIC", "SINGLE", "MULTIPLE")
 
 # pf encodes "the SYN carried a window-scale option" as a flag beside the shift.
 WSCALE_FLAG = 0x80
