@@ -348,7 +348,8 @@ def _spb(
 class _Writer:
     """Shared file handling: accept a path or an open binary file; close only what we opened."""
 
-    def __init__(self, path_or_file: str | os.PathLike[str] | BinaryIO) -> None:
+    def __init__(self, path_or_file: str | os.PathLike[str] | BinaryIO, snaplen: int) -> None:
+        self.snaplen = snaplen
         if isinstance(path_or_file, (str, os.PathLike)):
             self._file: BinaryIO = open(path_or_file, "wb")
             self._owned = True
@@ -390,8 +391,7 @@ class PcapWriter(_Writer):
         linktype: int = LINKTYPE_ETHERNET,
         snaplen: int = 262144,
     ) -> None:
-        super().__init__(path_or_file)
-        self.snaplen = snaplen
+        super().__init__(path_or_file, snaplen)
         header = struct.pack("<" + _PCAP_FILE_HEADER, _PCAP_MAGIC_US, 2, 4, 0, 0, snaplen, linktype)
         self._file.write(header)
 
@@ -414,8 +414,7 @@ class PcapngWriter(_Writer):
         linktype: int = LINKTYPE_ETHERNET,
         snaplen: int = 262144,
     ) -> None:
-        super().__init__(path_or_file)
-        self.snaplen = snaplen
+        super().__init__(path_or_file, snaplen)
         shb = struct.pack("<IIIHHq", _PCAPNG_SHB, 28, _PCAPNG_BOM, 1, 0, -1) + struct.pack("<I", 28)
         tsresol = struct.pack("<HHB3x", _OPT_IF_TSRESOL, 1, 9) + struct.pack(
             "<HH", _OPT_ENDOFOPT, 0
