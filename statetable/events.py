@@ -21,6 +21,8 @@ class RemoveReason(enum.Enum):
     FLUSHED = "flushed"      # pfctl -F states / CLR
     REUSED = "reused"        # a new SYN reused the 4-tuple of a closed state
     PEER = "peer"            # a sync peer deleted it (pfsync DEL_C); not re-announced
+    CLOSED = "closed"        # an exact RST ended its TIME_WAIT
+    EVICTED = "evicted"      # its VTW pool was full and it was the oldest ("assassinated")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,5 +47,22 @@ class StateRemoved:
     reason: RemoveReason
 
 
-Event = Union[StateInserted, StateUpdated, StateRemoved]
+@dataclass(frozen=True, slots=True)
+class StateVestigial:
+    """A state entered TIME_WAIT and left the main table for a VTW record."""
+
+    state: State
+
+
+@dataclass(frozen=True, slots=True)
+class VestigialRemoved:
+    """A VTW record left its pool (its state is gone for good)."""
+
+    key: bytes
+    id: int
+    creatorid: int
+    reason: RemoveReason
+
+
+Event = Union[StateInserted, StateUpdated, StateRemoved, StateVestigial, VestigialRemoved]
 Listener = Callable[[Event], None]

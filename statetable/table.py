@@ -7,24 +7,33 @@ BLOCK. Policy (there is no rule language): TCP states are created by a SYN witho
 UDP/ICMP/other states by their first packet; ICMP errors never create states and pass
 only when they quote a tracked connection. Everything else is blocked and counted.
 
-State reuse: a pure SYN that hits a state whose peers are both >= FIN_WAIT_2 removes that
-state (reason REUSED) and creates a fresh state at once from the same SYN. pf drops that
-SYN and lets the retransmission create the state; creating it at once saves the client a
-retransmission timeout and keeps the first SYN's window data.
+TIME_WAIT: once both peers of a TCP state are >= FIN_WAIT_2 (or an RST ended it) the
+connection is in TIME_WAIT for 2 x MSL of its MSLT class (:mod:`statetable.mslt`), and
+what late segments do is decided by :mod:`statetable.timewait`. With
+``net.inet.tcp.vtw.enable`` on, the state leaves the main table for a compact record in
+the VTW pools (:mod:`statetable.vtw`); off, it stays a full state with timeout
+``TIME_WAIT``. Lookups try the main table, then the pools; verdicts are the same either
+way. A pure SYN on a TIME_WAIT connection frees it and creates a fresh state at once (pf
+drops that SYN and lets the retransmission create the state; creating it at once saves
+the client a retransmission timeout).
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 from pydantic import BaseModel, Field, field_validator
 
-from statetable import keys, tcp, timeouts as tmo
+from statetable import keys, tcp, timewait, timeouts as tmo
 from statetable.counters import (FCNT_STATE_INSERT, FCNT_STATE_REMOVALS, FCNT_STATE_SEARCH,
                                  PFRES_BADSTATE, PFRES_MATCH, PFRES_MAXSTATES, PFRES_NAMES,
                                  PFRES_STATEINS)
-from statetable.events import Listener, RemoveReason, StateInserted, StateRemoved, StateUpdated
-from statetable.state import (ESTABLISHED, FIN_WAIT_2, MULTIPLE, PACKET, SINGLE, State)
+from statetable.events import (Listener, RemoveReason, StateInserted, StateRemoved, StateUpdated,
+                               StateVestigial, VestigialRemoved)
+from statetable.mslt import FLAG_MASK as MSLT_FLAGS, Mslt, MsltConfig, Network, class_flags
+from statetable.state import (ESTABLISHED, FIN_WAIT_2, MULTIPLE, PACKET, SINGLE,
+                              State)
+from statetable.vtw import Pool, Vestigial, Vtw, VtwConfig
 
 PASS, BLOCK = 0, 1
 _SYN_ONLY_MASK = tcp.TH_SYN | tcp.TH_ACK | tcp.TH_RST | tcp.TH_FIN
@@ -44,6 +53,10 @@ class TableConfig(BaseModel):
     id_base: int = Field(1 << 32, ge=1, lt=1 << 64)
     limit_states: int = Field(100000, ge=1)
     timeouts: dict[str, int] = Field(default_factory=dict)
+    mslt: MsltConfig = Field(default_factory=MsltConfig)
+    vtw: VtwConfig = Field(default_factory=VtwConfig)
+    # MSLT's "local" networks (the node passes its interfaces' networks by default).
+    local_nets: list[Network] = Field(default_factory=list)
 
     @field_validator("timeouts")
     @classmethod
@@ -78,10 +91,22 @@ class StateTable:
         self.fcounters: list[int] = [0, 0, 0]
         self.passed = 0
         self.blocked = 0
+        self.mslt = Mslt(config.mslt, config.local_nets)
+        self.vtw = Vtw(config.vtw)
+        self.vtw.on_remove = self._record_removed
         # pfsync engine (or anything) that wants change events; None costs nothing.
-        self.listener: Listener | None = None
+        self._listener: Listener | None = None
         self._purge_queue: list[State] = []
         self._purge_pos = 0
+
+    @property
+    def listener(self) -> Listener | None:
+        """Who receives change events (see :mod:`statetable.events`)."""
+        return self._listener
+
+    @listener.setter
+    def listener(self, listener: Listener | None) -> None:
+        self._listener = listener
 
     # ---- per-packet path -------------------------------------------------------------
 
@@ -94,16 +119,20 @@ class StateTable:
             st = tab.get(key)
             fwd = True
             if st is None:
-                st = tab.get(keys.reverse(key))
+                rkey = keys.reverse(key)
+                st = tab.get(rkey)
                 fwd = False
                 if st is None:
+                    if self.vtw.live:
+                        self.fcounters[FCNT_STATE_SEARCH] += 1
+                        hit = self.vtw.find(key, rkey)
+                        if hit is not None:
+                            return self._record_segment(hit, pkt, now)
                     if flags & _SYN_ONLY_MASK == tcp.TH_SYN:
                         return self._create_tcp(key, flags, seq, win, dlen, iplen, opt, now)
                     return self._no_state()
-            if flags & _SYN_ONLY_MASK == tcp.TH_SYN and \
-                    st.state >= FIN_WAIT_2 and st.dst.state >= FIN_WAIT_2:
-                self.remove(st, RemoveReason.REUSED)
-                return self._create_tcp(key, flags, seq, win, dlen, iplen, opt, now)
+            if st.timeout == tmo.TIME_WAIT:
+                return self._time_wait_segment(st, fwd, pkt, now)
             if fwd:
                 st.traffic += PACKET + iplen
             else:
@@ -115,13 +144,120 @@ class StateTable:
                 return BLOCK
             if was_half_open and st.state >= ESTABLISHED:
                 self.half_open -= 1
-            if self.listener is not None:
-                self.listener(StateUpdated(st))
+                if not st.flags & MSLT_FLAGS:
+                    st.flags |= class_flags(self.mslt.classify(key))
+            if st.state >= FIN_WAIT_2 and st.dst.state >= FIN_WAIT_2:
+                self._enter_time_wait(st, now)
+            elif self._listener is not None:
+                self._listener(StateUpdated(st))
             self.passed += 1
             return PASS
         if (proto == 1 or proto == 58) and opt is not None:
             return self._icmp_error(opt)
         return self._test_stateless_proto(proto, key, iplen, now)
+
+    # ---- TIME_WAIT ---------------------------------------------------------------------
+
+    def _enter_time_wait(self, st: State, now: float) -> None:
+        """Both peers are done: TIME_WAIT for 2 x MSL, as a VTW record when enabled."""
+        cls = self.mslt.state_class(st.key, st.flags)
+        expire = now + self.mslt.time_wait(cls)
+        if self.vtw.enabled:
+            self._unlink(st)
+            self.vtw.insert(st, cls, expire)
+            if self._listener is not None:
+                self._listener(StateVestigial(st))
+            return
+        st.flags = (st.flags & ~MSLT_FLAGS) | class_flags(cls)
+        st.timeout = tmo.TIME_WAIT
+        st.expire = expire
+        if self._listener is not None:
+            self._listener(StateUpdated(st))
+
+    def _time_wait_segment(self, st: State, fwd: bool, pkt: tuple, now: float) -> int:
+        """A segment for a full state in TIME_WAIT (VTW off)."""
+        proto, key, flags, seq, ack, win, dlen, iplen, opt = pkt
+        if st.expire <= now:
+            self.remove(st, RemoveReason.EXPIRED)
+            return self._no_tcp_state(pkt, now)
+        src, dst = (st, st.dst) if fwd else (st.dst, st)
+        action = timewait.segment(flags, seq, ack, dlen, src.seqlo, src.wscale, dst.seqlo,
+                                  dst.max_win, dst.wscale)
+        if action == timewait.PASS:
+            src.traffic += PACKET + iplen
+            st.expire = now + self.mslt.time_wait(self.mslt.state_class(st.key, st.flags))
+            if self._listener is not None:
+                self._listener(StateUpdated(st))
+        elif action == timewait.CLOSE:
+            self.remove(st, RemoveReason.CLOSED)
+        elif action == timewait.REOPEN:
+            self.remove(st, RemoveReason.REUSED)
+            return self._create_tcp(key, flags, seq, win, dlen, iplen, opt, now)
+        else:
+            return self._mismatch()
+        self.passed += 1
+        return PASS
+
+    def _record_segment(self, hit: tuple[Pool, int, bool], pkt: tuple, now: float) -> int:
+        """A segment for a VTW record: the same decisions as :meth:`_time_wait_segment`."""
+        proto, key, flags, seq, ack, win, dlen, iplen, opt = pkt
+        pool, slot, fwd = hit
+        if pool.expire[slot] <= now:
+            self.vtw.remove(pool, slot, RemoveReason.EXPIRED)
+            return self._no_tcp_state(pkt, now)
+        s = slot + slot if fwd else slot + slot + 1
+        d = s ^ 1
+        action = timewait.segment(flags, seq, ack, dlen, pool.seqlo[s], pool.wscale[s],
+                                  pool.seqlo[d], pool.max_win[d], pool.wscale[d])
+        if action == timewait.PASS:
+            self.vtw.restart(pool, slot, now + self.mslt.time_wait(pool.cls))
+        elif action == timewait.CLOSE:
+            self.vtw.remove(pool, slot, RemoveReason.CLOSED)
+        elif action == timewait.REOPEN:
+            self.vtw.remove(pool, slot, RemoveReason.REUSED)
+            return self._create_tcp(key, flags, seq, win, dlen, iplen, opt, now)
+        else:
+            return self._mismatch()
+        self.passed += 1
+        return PASS
+
+    def _record_removed(self, pool: Pool, slot: int, reason: RemoveReason) -> None:
+        if self._listener is not None:
+            self._listener(VestigialRemoved(pool.key(slot), pool.ids[slot], pool.creators[slot],
+                                            reason))
+
+    def _no_tcp_state(self, pkt: tuple, now: float) -> int:
+        """A TCP segment whose TIME_WAIT connection just expired: as if none was found."""
+        proto, key, flags, seq, ack, win, dlen, iplen, opt = pkt
+        if flags & _SYN_ONLY_MASK == tcp.TH_SYN:
+            return self._create_tcp(key, flags, seq, win, dlen, iplen, opt, now)
+        return self._no_state()
+
+    def _mismatch(self) -> int:
+        self.pfres[PFRES_BADSTATE] += 1
+        self.blocked += 1
+        return BLOCK
+
+    def set_vtw_enabled(self, enable: bool) -> None:
+        """Switch VTW on or off, moving every TIME_WAIT connection across (none is lost)."""
+        if enable == self.vtw.enabled:
+            return
+        self.vtw.enabled = enable
+        if enable:
+            waiting = [st for st in self._tcp.values() if st.timeout == tmo.TIME_WAIT]
+            for st in sorted(waiting, key=lambda st: st.expire):   # pools keep age order
+                self._unlink(st)
+                self.vtw.insert(st, self.mslt.state_class(st.key, st.flags), st.expire)
+            return
+        for st in self.vtw.drain():
+            st.timeout = tmo.TIME_WAIT
+            self._link(st, announce=False)
+
+    def set_vtw_entries(self, entries: int) -> None:
+        """Resize the VTW pools (the oldest records are evicted if they no longer fit)."""
+        self.vtw.resize(entries)
+
+    # ---- verdicts without a state ----------------------------------------------------
 
     def _no_state(self) -> int:
         # Neither matches a state nor may create one: the implicit "block" rule matched.
@@ -178,8 +314,8 @@ class StateTable:
                 dst.state = MULTIPLE
             first, single, multiple = _UDP_TIMEOUTS if proto == 17 else _OTHER_TIMEOUTS
             st.timeout = multiple if src.state == MULTIPLE and dst.state == MULTIPLE else single
-        if self.listener is not None:
-            self.listener(StateUpdated(st))
+        if self._listener is not None:
+            self._listener(StateUpdated(st))
         self.passed += 1
         return PASS
 
@@ -187,12 +323,12 @@ class StateTable:
         """An ICMP error passes when the packet it quotes belongs to a tracked state."""
         proto, key = quoted
         tab = self._by_proto.get(proto)
-        if tab is not None and (key in tab or keys.reverse(key) in tab):
+        rkey = keys.reverse(key)
+        if tab is not None and (key in tab or rkey in tab) or \
+                proto == 6 and self.vtw.live and self.vtw.find(key, rkey) is not None:
             self.passed += 1
             return PASS
-        self.pfres[PFRES_BADSTATE] += 1
-        self.blocked += 1
-        return BLOCK
+        return self._mismatch()
 
     # ---- creation, insertion, removal ------------------------------------------------
 
@@ -208,7 +344,7 @@ class StateTable:
         self.passed += 1
         return st
 
-    def _link(self, st: State) -> None:
+    def _link(self, st: State, announce: bool = True) -> None:
         self._by_proto[st.proto][st.key] = st
         ids = self._by_id.get(st.creatorid)
         if ids is None:
@@ -216,20 +352,21 @@ class StateTable:
         ids[st.id] = st
         self.count += 1
         self.fcounters[FCNT_STATE_INSERT] += 1
-        if self.listener is not None:
-            self.listener(StateInserted(st))
+        if announce and self._listener is not None:
+            self._listener(StateInserted(st))
 
     def insert(self, st: State) -> bool:
         """Insert a state built elsewhere (a sync peer's); False (counted) if it collides.
 
         A state whose key or (id, creatorid) is already present is refused with
-        ``state-insert``; a full table refuses with ``state-limit``.
+        ``state-insert``; a full table refuses with ``state-limit``. A VTW record with
+        the same connection is superseded: the new state is the newer connection.
         """
         tab = self._by_proto.get(st.proto)
         if tab is None:
             tab = self._by_proto[st.proto] = {}
-        if st.key in tab or keys.reverse(st.key) in tab or \
-                self.get_by_id(st.id, st.creatorid) is not None:
+        rkey = keys.reverse(st.key)
+        if st.key in tab or rkey in tab or self.get_by_id(st.id, st.creatorid) is not None:
             self.pfres[PFRES_STATEINS] += 1
             return False
         if self.count >= self.limit_states:
@@ -237,6 +374,10 @@ class StateTable:
             return False
         if st.timeout >= tmo.PFTM_MAX:
             raise ValueError("a state must carry a real timeout to be inserted")
+        if st.proto == 6 and self.vtw.live:
+            hit = self.vtw.find(st.key, rkey)
+            if hit is not None:
+                self.vtw.remove(hit[0], hit[1], RemoveReason.REUSED)
         if st.proto == 6 and st.state < ESTABLISHED:
             self.half_open += 1
         self._link(st)
@@ -246,6 +387,11 @@ class StateTable:
         """Unlink a state; it may still sit in the purge queue, marked UNLINKED."""
         if st.timeout == UNLINKED:
             return
+        self._unlink(st)
+        if self._listener is not None:
+            self._listener(StateRemoved(st, reason))
+
+    def _unlink(self, st: State) -> None:
         del self._by_proto[st.proto][st.key]
         ids = self._by_id[st.creatorid]
         del ids[st.id]
@@ -256,8 +402,6 @@ class StateTable:
         st.timeout = UNLINKED
         self.count -= 1
         self.fcounters[FCNT_STATE_REMOVALS] += 1
-        if self.listener is not None:
-            self.listener(StateRemoved(st, reason))
 
     # ---- lookup and iteration --------------------------------------------------------
 
@@ -278,9 +422,27 @@ class StateTable:
         return None if st is None else (st, False)
 
     def states(self) -> Iterator[State]:
-        """Every state (snapshot: safe against removal while iterating)."""
+        """Every full state (snapshot: safe against removal while iterating)."""
         for tab in list(self._by_proto.values()):
             yield from list(tab.values())
+
+    def vestigial(self) -> Iterator[Vestigial]:
+        """A copy of every VTW record, pool by pool, oldest first."""
+        for pool, slot in self.vtw.records():
+            yield pool.view(slot)
+
+    def kill_vestigial(self, match: Callable[[Vestigial], bool],
+                       reason: RemoveReason = RemoveReason.KILLED) -> int:
+        """Remove the VTW records ``match`` accepts; returns how many."""
+        victims = [(pool, slot) for pool, slot in self.vtw.records() if match(pool.view(slot))]
+        for pool, slot in victims:
+            self.vtw.remove(pool, slot, reason)
+        return len(victims)
+
+    def time_wait_endpoint(self, addr: bytes, port: int) -> list[Vestigial]:
+        """VTW records whose initiator is ``addr:port`` (NetBSD's local-port lookup: is
+        this source port still held by a connection in TIME_WAIT?)."""
+        return [pool.view(slot) for pool, slot in self.vtw.find_port(addr, port)]
 
     def ids_for(self, creatorid: int) -> list[State]:
         """Every state made by one creator."""
@@ -291,7 +453,9 @@ class StateTable:
     def expires_at(self, st: State) -> float:
         """pf_state_expires(): when ``st`` expires at the table's current size."""
         if st.timeout >= tmo.PFTM_MAX:
-            return st.expire if st.timeout == tmo.PURGE else float("-inf")
+            if st.timeout == tmo.PURGE or st.timeout == tmo.TIME_WAIT:
+                return st.expire
+            return float("-inf")
         scale = tmo.adaptive_scale(self.timeouts, self.count)
         if scale is None:
             return st.expire
@@ -302,7 +466,8 @@ class StateTable:
 
         Called once a second, the default bound (1 + states / interval) sweeps the whole
         table once per ``interval`` seconds, as pf does, so no single call stalls packets.
-        Returns how many states were removed.
+        VTW records are expired too (from each pool's oldest, so only due ones are looked
+        at). Returns how many states and records were removed.
         """
         if maxcheck is None:
             maxcheck = 1 + self.count // max(1, self.timeouts[tmo.INTERVAL])
@@ -311,8 +476,9 @@ class StateTable:
             lifetimes = [0.0] * tmo.PFTM_MAX
         else:
             lifetimes = [t * scale for t in self.timeouts]
-        lifetimes += [0.0, float("-inf")]        # PFTM_MAX (unused), PURGE: expire now
-        removed = 0
+        # PFTM_MAX (unused), PURGE: expire now, UNLINKED (skipped), TIME_WAIT: absolute.
+        lifetimes += [0.0, float("-inf"), 0.0, 0.0]
+        removed = self.vtw.expire(now)
         queue, pos = self._purge_queue, self._purge_pos
         rebuilt = False
         while maxcheck > 0:
@@ -341,11 +507,13 @@ class StateTable:
 
     def clear(self, creatorid: int | None = None, reason: RemoveReason = RemoveReason.FLUSHED
               ) -> int:
-        """Remove every state (of one creator, if given); returns how many."""
+        """Remove every state and VTW record (of one creator, if given); returns how many."""
         victims = self.ids_for(creatorid) if creatorid is not None else list(self.states())
         for st in victims:
             self.remove(st, reason)
-        return len(victims)
+        records = self.kill_vestigial(
+            lambda rec: creatorid is None or rec.creatorid == creatorid, reason)
+        return len(victims) + records
 
     def clear_counters(self) -> None:
         """pfctl -F info: zero the PFRES and state-table counters."""

@@ -14,6 +14,9 @@ from __future__ import annotations
 PFTM_MAX = 20
 # Not a real timeout: a state marked for removal at the next purge (pf's PFTM_PURGE).
 PURGE = 21
+# Not a pf timeout: a full state in TIME_WAIT (VTW off). Its ``expire`` holds the absolute
+# expiry (2 x MSL of its class, see statetable.mslt), which adaptive timeouts never scale.
+TIME_WAIT = 23
 
 NAMES: tuple[str, ...] = (
     "tcp.first", "tcp.opening", "tcp.established", "tcp.closing", "tcp.finwait", "tcp.closed",
@@ -39,7 +42,9 @@ BY_NAME: dict[str, int] = {name: i for i, name in enumerate(NAMES)}
 
 def name_of(timeout: int) -> str:
     """The pf name of a timeout id (``purge`` for a state awaiting removal)."""
-    return NAMES[timeout] if timeout < PFTM_MAX else "purge"
+    if timeout < PFTM_MAX:
+        return NAMES[timeout]
+    return "tcp.timewait" if timeout == TIME_WAIT else "purge"
 
 
 def adaptive_scale(values: list[int], states: int) -> float | None:

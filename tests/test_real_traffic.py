@@ -16,18 +16,23 @@ from typing import Callable
 import pytest
 
 from pfsync.pcap import read_capture
-from statetable import StateTable, decode_frame, keys
+from statetable import StateTable, TableConfig, decode_frame, keys, timeouts as tmo
 from statetable.counters import PFRES_BADSTATE
 from statetable.decode import NOT_IP
 from statetable.state import ESTABLISHED, FIN_WAIT_2, MULTIPLE, SINGLE, TIME_WAIT, WSCALE_FLAG
+from statetable.vtw import VtwConfig
 from tests import traffic
 
 pytestmark = pytest.mark.slow
 
 
-def replay(path: Path) -> tuple[StateTable, int]:
-    """Replay a capture into a fresh table; returns it and the number of frames."""
-    table = StateTable()
+def replay(path: Path, vtw: bool = False) -> tuple[StateTable, int]:
+    """Replay a capture into a fresh table; returns it and the number of frames.
+
+    VTW is off unless asked for, so closed connections stay full states whose pf peer
+    states and counters these tests look at (tests/test_vtw_traffic.py covers VTW).
+    """
+    table = StateTable(TableConfig(vtw=VtwConfig(enable=vtw)))
     frames = 0
     for ts, linktype, frame in read_capture(path):
         pkt = decode_frame(frame, linktype)
@@ -79,7 +84,7 @@ def test_orderly_close_reaches_fin_wait_2_both(tmp_path: Path, name: str) -> Non
     table, conn, _ = run_shape(tmp_path, CLOSED_SHAPES[name])
     st = state_of(table, conn)
     assert (st.state, st.dst.state) == (FIN_WAIT_2, FIN_WAIT_2)
-    assert table.timeouts and st.timeout == 5            # tcp.closed
+    assert st.timeout == tmo.TIME_WAIT
     assert st.packets > 3 and st.dst.packets > 3
     assert table.half_open == 0
 

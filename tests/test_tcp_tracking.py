@@ -15,8 +15,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from statetable import (BLOCK, PASS, RemoveReason, StateInserted, StateRemoved, StateTable,
+                        TableConfig,
                         decode_frame)
 from statetable import timeouts as tmo
+from statetable.vtw import VtwConfig
 from statetable.counters import (FCNT_STATE_INSERT, FCNT_STATE_REMOVALS, FCNT_STATE_SEARCH,
                                  PFRES_BADSTATE)
 from statetable.events import Event
@@ -30,6 +32,7 @@ M = 0xFFFFFFFF
 H = 0x80000000
 MAXACKWINDOW = 65535 + 1500
 T0 = 1000.0
+TW_REMOTE = 60          # TIME_WAIT of the "remote" MSLT class: 2 x 30 s
 
 # ---- helpers -------------------------------------------------------------------------
 
@@ -40,7 +43,9 @@ class Conn:
     def __init__(self, table: StateTable | None = None, v6: bool = False,
                  client: str | None = None, server: str | None = None,
                  cport: int = 49152, sport: int = 443) -> None:
-        self.table = table if table is not None else StateTable()
+        # VTW off by default: these tests look at the full state through TIME_WAIT too.
+        self.table = table if table is not None else StateTable(
+            TableConfig(vtw=VtwConfig(enable=False)))
         self.client = client or ("2001:db8::c" if v6 else "10.1.0.1")
         self.server = server or ("2001:db8::5" if v6 else "10.2.0.2")
         self.cport, self.sport = cport, sport
@@ -166,7 +171,8 @@ def test_connection_refused_rst_closes_the_half_open_state() -> None:
     conn.c(SYN, 1000)
     assert conn.s(RST | ACK, 0, 1001, win=0) == PASS
     assert conn.peers() == (TIME_WAIT, TIME_WAIT)
-    assert conn.st.timeout == tmo.TCP_CLOSED
+    assert conn.st.timeout == tmo.TIME_WAIT
+    assert conn.table.expires_at(conn.st) == conn.now + TW_REMOTE
     assert conn.table.half_open == 0
 
 
@@ -187,7 +193,6 @@ def test_client_close_first_walks_the_timeouts() -> None:
         (lambda: conn.c(FIN | ACK, 1001, 5001), (CLOSING, ESTABLISHED), tmo.TCP_CLOSING),
         (lambda: conn.s(ACK, 5001, 1002), (FIN_WAIT_2, ESTABLISHED), tmo.TCP_CLOSING),
         (lambda: conn.s(FIN | ACK, 5001, 1002), (FIN_WAIT_2, CLOSING), tmo.TCP_FINWAIT),
-        (lambda: conn.c(ACK, 1002, 5002), (FIN_WAIT_2, FIN_WAIT_2), tmo.TCP_CLOSED),
     ]
     for step, (send, peers, timeout) in enumerate(expect):
         conn.now = T0 + step + 1
@@ -196,6 +201,13 @@ def test_client_close_first_walks_the_timeouts() -> None:
         assert conn.st.timeout == timeout, step
         assert conn.st.expire == conn.now
         assert conn.table.expires_at(conn.st) == conn.now + tmo.DEFAULTS[timeout]
+    # The last ACK: both FINs acknowledged, TIME_WAIT for 2 x MSL (remote: 60 s), not
+    # pf's tcp.closed.
+    conn.now += 1
+    assert conn.c(ACK, 1002, 5002) == PASS
+    assert conn.peers() == (FIN_WAIT_2, FIN_WAIT_2)
+    assert conn.st.timeout == tmo.TIME_WAIT
+    assert conn.table.expires_at(conn.st) == conn.now + TW_REMOTE
     assert conn.mismatches == 0
 
 
@@ -211,8 +223,8 @@ def test_server_close_first_reaches_fin_wait_2_both() -> None:
     assert conn.st.timeout == tmo.TCP_FINWAIT
     assert conn.s(ACK, 5002, 1002) == PASS
     assert conn.peers() == (FIN_WAIT_2, FIN_WAIT_2)
-    assert conn.st.timeout == tmo.TCP_CLOSED
-    assert conn.table.expires_at(conn.st) == conn.now + 90
+    assert conn.st.timeout == tmo.TIME_WAIT
+    assert conn.table.expires_at(conn.st) == conn.now + TW_REMOTE
 
 
 def test_simultaneous_close() -> None:
@@ -224,7 +236,7 @@ def test_simultaneous_close() -> None:
     assert conn.c(ACK, 1002, 5002) == PASS
     assert conn.s(ACK, 5002, 1002) == PASS
     assert conn.peers() == (FIN_WAIT_2, FIN_WAIT_2)
-    assert conn.st.timeout == tmo.TCP_CLOSED
+    assert conn.st.timeout == tmo.TIME_WAIT
     assert conn.mismatches == 0
 
 
@@ -265,8 +277,8 @@ def test_rst_exact_match_passes_and_sets_time_wait(delta: int) -> None:
     conn.now += 5
     assert conn.c(RST | ACK, 1101 + delta, 5001) == PASS
     assert conn.peers() == (TIME_WAIT, TIME_WAIT)
-    assert conn.st.timeout == tmo.TCP_CLOSED
-    assert conn.st.expire == conn.now
+    assert conn.st.timeout == tmo.TIME_WAIT
+    assert conn.st.expire == conn.now + TW_REMOTE
 
 
 def test_rst_without_ack_from_the_server_passes() -> None:
@@ -464,26 +476,40 @@ def test_out_of_window_detection_across_the_wrap() -> None:
     assert conn.c(ACK | PSH, 2**32 - 9, 5001, dlen=1000) == PASS
 
 
-# ---- loose match after close ---------------------------------------------------------------
+# ---- after close: pf's loose match (one side done) and TIME_WAIT (both done) -----------
+
+def half_closed_conn() -> Conn:
+    """The client closed and was acked, the server still sends: (FIN_WAIT_2, ESTABLISHED)."""
+    conn = established()
+    conn.c(ACK | PSH, 1001, 5001, dlen=100)
+    conn.s(ACK, 5001, 1101)
+    conn.now = T0 + 1
+    conn.c(FIN | ACK, 1101, 5001)
+    conn.s(ACK, 5001, 1102)
+    assert conn.peers() == (FIN_WAIT_2, ESTABLISHED)
+    assert conn.st.seqlo == 1102 and conn.st.seqhi == 1102 + 65535
+    return conn
+
 
 def closed_conn() -> Conn:
-    """A connection closed client first: FIN_WAIT_2:FIN_WAIT_2 at T0 + 1."""
+    """A connection closed client first, in TIME_WAIT since T0 + 1."""
     conn = established()
     conn.c(ACK | PSH, 1001, 5001, dlen=100)
     conn.s(ACK, 5001, 1101)
     conn.now = T0 + 1
     close_client_first(conn, 1101, 5001)
     assert conn.peers() == (FIN_WAIT_2, FIN_WAIT_2)
-    assert conn.st.seqlo == 1102 and conn.st.seqhi == 1102 + 65535
+    assert conn.st.timeout == tmo.TIME_WAIT
+    assert conn.st.seqlo == 1102 and conn.st.dst.seqlo == 5002
     return conn
 
 
-def test_loose_match_after_close_does_not_refresh_the_timeout() -> None:
-    conn = closed_conn()
+def test_loose_match_after_half_close_does_not_refresh_the_timeout() -> None:
+    conn = half_closed_conn()
     conn.now = T0 + 30
     # A stray ACK whose ack is wildly ahead fails the window check (ackskew) but passes
-    # the loose match: the state is closed.
-    assert conn.c(ACK, 1102, 5002 + 100000) == PASS
+    # the loose match: the client is done.
+    assert conn.c(ACK, 1102, 5001 + 100000) == PASS
     assert conn.st.expire == T0 + 1
     assert conn.mismatches == 0
     # The same packet on an established connection is blocked.
@@ -491,33 +517,44 @@ def test_loose_match_after_close_does_not_refresh_the_timeout() -> None:
     assert live.c(ACK, 1001, 5001 + 100000) == BLOCK
 
 
-def test_in_window_after_close_refreshes_the_timeout() -> None:
-    conn = closed_conn()
-    conn.now = T0 + 30
-    assert conn.c(FIN | ACK, 1101, 5002) == PASS        # retransmitted FIN
-    assert conn.st.expire == T0 + 30
-    assert conn.st.timeout == tmo.TCP_CLOSED
-
-
 def test_loose_match_accepts_data_up_to_maxackwindow_past_seqhi() -> None:
     # pf: SEQ_GEQ(src->seqhi + MAXACKWINDOW, data_end) && SEQ_GEQ(seq, src->seqlo - MAXACKWINDOW)
-    conn = closed_conn()
+    conn = half_closed_conn()
     seqhi = conn.st.seqhi
-    assert conn.c(ACK | PSH, seqhi + 10000, 5002, dlen=50000) == PASS  # ends < seqhi + 67035
+    assert conn.c(ACK | PSH, seqhi + 10000, 5001, dlen=50000) == PASS  # ends < seqhi + 67035
     assert conn.mismatches == 0
 
 
 def test_loose_match_blocks_data_ending_beyond_seqhi_plus_maxackwindow() -> None:
-    conn = closed_conn()
+    conn = half_closed_conn()
     seqhi = conn.st.seqhi
-    assert conn.c(ACK | PSH, seqhi + MAXACKWINDOW - 1000, 5002, dlen=1001) == BLOCK
+    assert conn.c(ACK | PSH, seqhi + MAXACKWINDOW - 1000, 5001, dlen=1001) == BLOCK
     assert conn.mismatches == 1
 
 
 def test_loose_match_blocks_data_more_than_maxackwindow_behind() -> None:
+    conn = half_closed_conn()
+    assert conn.c(ACK | PSH, (1102 - MAXACKWINDOW - 1) & M, 5001, dlen=10) == BLOCK
+    assert conn.c(ACK | PSH, (1102 - MAXACKWINDOW) & M, 5001 + 100000, dlen=10) == PASS
+
+
+def test_time_wait_blocks_what_pf_would_loosely_pass() -> None:
     conn = closed_conn()
-    assert conn.c(ACK | PSH, (1102 - MAXACKWINDOW - 1) & M, 5002, dlen=10) == BLOCK
-    assert conn.c(ACK | PSH, (1102 - MAXACKWINDOW) & M, 5002 + 100000, dlen=10) == PASS
+    conn.now = T0 + 30
+    assert conn.c(ACK, 1102, 5002 + 100000) == BLOCK        # acks data never sent
+    assert conn.c(ACK | PSH, 1102, 5002, dlen=10) == BLOCK   # new data after close
+    assert conn.st.expire == T0 + 1 + TW_REMOTE
+    assert conn.mismatches == 2
+
+
+def test_retransmitted_fin_in_time_wait_restarts_the_timer() -> None:
+    conn = closed_conn()
+    conn.now = T0 + 30
+    assert conn.c(FIN | ACK, 1101, 5002) == PASS        # retransmitted FIN
+    assert conn.st.expire == T0 + 30 + TW_REMOTE
+    assert conn.st.timeout == tmo.TIME_WAIT
+    assert conn.s(ACK, 5002, 1102) == PASS               # and the other side's re-ACK
+    assert conn.mismatches == 0
 
 
 def test_fin_before_the_server_answered_moves_client_to_closing() -> None:
@@ -881,8 +918,8 @@ def test_generated_conversations_pass_every_packet(conv: Conversation) -> None:
     assert conn.peers() == conv.final, conv.shape
     assert conn.table.count == 1
     assert conn.table.half_open == 0
-    expected_timeout = {(FIN_WAIT_2, FIN_WAIT_2): tmo.TCP_CLOSED,
-                        (TIME_WAIT, TIME_WAIT): tmo.TCP_CLOSED,
+    expected_timeout = {(FIN_WAIT_2, FIN_WAIT_2): tmo.TIME_WAIT,
+                        (TIME_WAIT, TIME_WAIT): tmo.TIME_WAIT,
                         (ESTABLISHED, ESTABLISHED): tmo.TCP_ESTABLISHED}[conv.final]
     assert conn.st.timeout == expected_timeout
 
@@ -924,21 +961,23 @@ def test_new_syn_after_any_generated_close_reuses_the_state(conv: Conversation,
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(conv=conversations(shapes=("client_first", "server_first", "simultaneous")),
        from_client=st.booleans(), dlen=st.integers(1, 1400), data=st.data())
-def test_after_close_segments_within_maxackwindow_of_the_window_pass(
+def test_after_close_new_data_is_blocked_and_duplicates_pass(
         conv: Conversation, from_client: bool, dlen: int, data: st.DataObject) -> None:
-    # pf's loose match once a peer is >= FIN_WAIT_2: the segment's data end may lie up to
-    # MAXACKWINDOW past seqhi, its start up to MAXACKWINDOW before seqlo.
+    # TIME_WAIT: a segment adding sequence space is refused; one repeating data already
+    # seen (at most one window back) is a retransmission and passes.
     conn = replay(conv)
     st_ = conn.st
-    src = st_ if from_client else st_.dst
+    src, dst = (st_, st_.dst) if from_client else (st_.dst, st_)
     assume(src.seqlo != 0)
-    lo = (src.seqlo - MAXACKWINDOW) & M
-    hi = (src.seqhi + MAXACKWINDOW - dlen) & M
-    span = (hi - lo) & M
-    # Both ends of the range matter: hypothesis favours small integers, so mirror half.
-    offset = data.draw(st.one_of(st.integers(0, span), st.integers(0, span).map(
-        lambda x: span - x)), label="offset")
-    seq = (lo + offset) & M
     end = conv.client if from_client else conv.server
-    assert conn.send(from_client, ACK | PSH, seq, end.rcv_nxt & M, end.win, dlen) == PASS
-    assert conn.mismatches == 0
+    ack = dst.seqlo
+    ahead = data.draw(st.integers(1 - dlen, 1 << 20), label="ahead")
+    seq = (src.seqlo + ahead) & M
+    assert conn.send(from_client, ACK | PSH, seq, ack, end.win, dlen) == BLOCK
+    dws = dst.wscale & 0x0F if src.wscale and dst.wscale else 0
+    window = dst.max_win << dws
+    assume(window >= dlen)
+    back = data.draw(st.integers(dlen, window), label="back")
+    seq = (src.seqlo - back) & M
+    assert conn.send(from_client, ACK | PSH, seq, ack, end.win, dlen) == PASS
+    assert conn.mismatches == 1
