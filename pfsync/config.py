@@ -15,6 +15,8 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict,
                                TomlConfigSettingsSource)
 
+from pfsync.netif import parse_networks
+
 
 class ConfigError(Exception):
     """A setting that cannot be used; the message is one line."""
@@ -40,6 +42,16 @@ class NodeConfig(BaseSettings):
     capture: list[str] = Field(default_factory=list, description="interfaces to capture on")
     limit_states: int = Field(100000, ge=1, description="hard state limit")
     admin_token_file: Path | None = Field(None, description="token for admin calls")
+    local_net: list[str] = Field(default_factory=list,
+                                 description="MSLT local networks (default: this host's)")
+    # sysctl name -> value, applied at start-up as `pfsysctl -w` would (like sysctl.conf).
+    sysctl: dict[str, str | int | bool] = Field(default_factory=dict)
+
+    @field_validator("local_net")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        parse_networks(value)
+        return value
 
     @field_validator("hostid", mode="before")
     @classmethod

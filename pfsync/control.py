@@ -3,20 +3,20 @@ beyond translating between the table and the wire contract)."""
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 from typing import AsyncIterator
 
 import grpc
 
-from pfsync.config import is_loopback_peer
+from pfsync.admin import require_admin
 from pfsync.node import MALFORMED, Node
 from pfsync.v1 import control_pb2 as pb
 from pfsync.v1 import control_pb2_grpc
 from statetable import keys, timeouts as tmo
 from statetable.counters import PFRES_NAMES
-from statetable.state import FLAG_NOSYNC, Peer, State
+from statetable.state import FLAG_NOSYNC, TIME_WAIT, Peer, State
 from statetable.table import BLOCK
+from statetable.vtw import PeerView, Vestigial
 
 CHUNK = 1000            # states per ListStates message: ~200 KB, far below 4 MiB
 MAX_INJECT_FRAMES = 65536
@@ -43,6 +43,23 @@ def state_to_pb(node: Node, st: State, now: float) -> pb.State:
         rule=NO_RULE, nosync=bool(st.flags & FLAG_NOSYNC))
 
 
+def vestigial_to_pb(rec: Vestigial, now: float) -> pb.State:
+    """A VTW record on the wire: no counters, no creation time (the record keeps neither)."""
+    sa, sp, da, dp = keys.unpack(rec.key)
+    return pb.State(
+        id=rec.id, creatorid=rec.creatorid, af=rec.af, proto=6, ifname="all",
+        direction=pb.State.IN, src_addr=sa, dst_addr=da, src_port=sp, dst_port=dp,
+        src=_record_peer(rec.src), dst=_record_peer(rec.dst),
+        timeout=tmo.name_of(tmo.TIME_WAIT), expires_in=max(0, int(rec.expire - now + 0.999)),
+        rule=NO_RULE, vestigial=True)
+
+
+def _record_peer(peer: PeerView) -> pb.PeerState:
+    # The connection is in TIME_WAIT whatever pf state each side last reached.
+    return pb.PeerState(state=TIME_WAIT, seqlo=peer.seqlo, seqhi=peer.seqhi,
+                        max_win=peer.max_win, wscale=peer.wscale)
+
+
 def _address_match(addr: bytes, match: pb.HostMatch) -> bool:
     if not match.addr:
         return True
@@ -60,36 +77,35 @@ class ControlService(control_pb2_grpc.ControlServicer):
         self.admin_token = admin_token
 
     async def _require_admin(self, context: grpc.aio.ServicerContext) -> None:
-        if self.admin_token is None:
-            if not is_loopback_peer(context.peer()):
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                    "admin calls are allowed from loopback only")
-            return
-        metadata = dict(context.invocation_metadata() or ())
-        given = str(metadata.get("authorization", ""))
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.admin_token}".encode()):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong admin token")
+        await require_admin(context, self.admin_token)
 
     async def ListStates(self, request: pb.ListStatesRequest,
                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StatesChunk]:
         if request.address and len(request.address) not in (4, 16):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "address must be 4 or 16 bytes")
         node = self.node
+        creatorid = request.creatorid or node.hostid
         if request.id:
-            found = node.table.get_by_id(request.id, request.creatorid or node.hostid)
+            found = node.table.get_by_id(request.id, creatorid)
             states = [found] if found is not None else []
         else:
             states = list(node.table.states())
+        records: list[Vestigial] = []
+        if not request.proto or request.proto == 6:
+            records = [rec for rec in node.table.vestigial()
+                       if not request.id or (rec.id, rec.creatorid) == (request.id, creatorid)]
         now = node.clock()
         chunk: list[pb.State] = []
-        for st in states:
-            if request.proto and st.proto != request.proto:
+        for item in [*states, *records]:
+            is_state = isinstance(item, State)
+            if is_state and request.proto and item.proto != request.proto:
                 continue
             if request.address:
-                sa, _, da, _ = st.endpoints()
+                sa, _, da, _ = keys.unpack(item.key)
                 if request.address not in (sa, da):
                     continue
-            chunk.append(state_to_pb(node, st, now))
+            chunk.append(state_to_pb(node, item, now) if is_state      # type: ignore[arg-type]
+                         else vestigial_to_pb(item, now))              # type: ignore[arg-type]
             if len(chunk) == CHUNK:
                 yield pb.StatesChunk(states=chunk)
                 chunk = []
@@ -143,8 +159,11 @@ class ControlService(control_pb2_grpc.ControlServicer):
         await self._require_admin(context)
         table = self.node.table
         if request.by_id:
-            st = table.get_by_id(request.id, request.creatorid or self.node.hostid)
+            creatorid = request.creatorid or self.node.hostid
+            st = table.get_by_id(request.id, creatorid)
             victims = [st] if st is not None else []
+            records = table.kill_vestigial(
+                lambda rec: (rec.id, rec.creatorid) == (request.id, creatorid))
         else:
             for match in (request.src, request.dst):
                 if match.addr and len(match.addr) not in (4, 16):
@@ -152,14 +171,17 @@ class ControlService(control_pb2_grpc.ControlServicer):
                                         "addresses must be 4 or 16 bytes")
                 if match.prefix_len > 8 * max(len(match.addr), 4):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prefix too long")
-            victims = []
-            for st in table.states():
-                sa, _, da, _ = keys.unpack(st.key)
-                if _address_match(sa, request.src) and _address_match(da, request.dst):
-                    victims.append(st)
+
+
+            def matches(key: bytes) -> bool:
+                sa, _, da, _ = keys.unpack(key)
+                return _address_match(sa, request.src) and _address_match(da, request.dst)
+
+            victims = [st for st in table.states() if matches(st.key)]
+            records = table.kill_vestigial(lambda rec: matches(rec.key))
         for st in victims:
             table.kill(st)
-        return pb.KillReply(killed=len(victims))
+        return pb.KillReply(killed=len(victims) + records)
 
     async def ClearStates(self, request: pb.ClearRequest,
                           context: grpc.aio.ServicerContext) -> pb.ClearReply:

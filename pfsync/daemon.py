@@ -24,7 +24,11 @@ from grpc_reflection.v1alpha import reflection
 from pfsync.config import ConfigError, NodeConfig, load_config
 from pfsync.control import ControlService
 from pfsync.node import Node
-from pfsync.v1 import control_pb2, control_pb2_grpc
+from pfsync.netif import local_networks, parse_networks
+from pfsync.sysctl import SysctlError
+from pfsync.sysctl_service import SysctlService
+from pfsync.v1 import control_pb2, control_pb2_grpc, sysctl_pb2, sysctl_pb2_grpc
+from statetable.mslt import Network
 
 PROG = "pfsyncd"
 log = logging.getLogger(PROG)
@@ -55,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="track live traffic of an interface (Linux AF_PACKET, root; repeatable)")
     p.add_argument("--limit-states", type=int, metavar="N",
                    help="hard state limit (default 100000)")
+    p.add_argument("--local-net", action="append", metavar="CIDR",
+                   help="a network MSLT counts as local (repeatable; default: the networks "
+                   "of this host's interfaces)")
+    p.add_argument("--sysctl", action="append", metavar="NAME=VALUE",
+                   help="set a sysctl at start-up, as pfsysctl -w does (repeatable; also a "
+                   "[sysctl] table in the config file)")
     p.add_argument("--admin-token-file", type=Path, metavar="FILE",
                    help="token required for admin calls (default: admin calls from loopback "
                    "only)")
@@ -65,18 +75,54 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _local_nets(config: NodeConfig) -> list[Network]:
+    """--local-net, or else this host's interface networks (none if they cannot be read)."""
+    if config.local_net:
+        return parse_networks(config.local_net)
+    try:
+        return local_networks()
+    except OSError as exc:
+        log.warning("MSLT local networks unknown (%s): only loopback and remote classes", exc)
+        return []
+
+
+def _sysctl_text(value: str | int | bool) -> str:
+    # TOML gives typed values; sysctl parses text (true -> 1 keeps one parser).
+    return str(int(value)) if isinstance(value, bool) else str(value)
+
+
+def _sysctl_flags(items: list[str]) -> dict[str, str]:
+    """--sysctl NAME=VALUE flags as a dict; ValueError in one line if malformed."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--sysctl {item!r} is not NAME=VALUE")
+        out[name.strip()] = value.strip()
+    return out
+
+
 async def serve(config: NodeConfig, exit_after_replay: bool = False) -> int:
     """Run a node until a signal (or the end of the replays); returns the exit status."""
-    node = Node(config.hostid, limit_states=config.limit_states)
+    node = Node(config.hostid, limit_states=config.limit_states,
+                local_nets=_local_nets(config))
+    try:
+        for name, value in config.sysctl.items():
+            node.sysctl.set(name, _sysctl_text(value))
+    except SysctlError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
     admin_token = None
     if config.admin_token_file is not None:
         admin_token = config.admin_token_file.read_text().strip()
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     control_pb2_grpc.add_ControlServicer_to_server(ControlService(node, admin_token), server)
+    sysctl_pb2_grpc.add_SysctlServicer_to_server(SysctlService(node.sysctl, admin_token), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (control_pb2.DESCRIPTOR.services_by_name["Control"].full_name,
+         sysctl_pb2.DESCRIPTOR.services_by_name["Sysctl"].full_name,
          health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
     if server.add_insecure_port(config.control) == 0:
@@ -122,10 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     exit_after_replay = args.pop("exit_after_replay")
     verbose = args.pop("verbose")
     try:
+        sysctl_flags = _sysctl_flags(args.pop("sysctl", []))
         config = load_config(args, config_file)
-    except ConfigError as exc:
+    except (ConfigError, ValueError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
+    # Flags win over the config file, one sysctl at a time (like sysctl.conf then -w).
+    config.sysctl = {**config.sysctl, **sysctl_flags}
     for path in config.pcap:
         if not os.access(path, os.R_OK) or not path.is_file():
             print(f"{PROG}: {path}: cannot read capture file", file=sys.stderr)

@@ -12,11 +12,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from pfsync.pcap import CaptureError, read_capture
+from pfsync.sysctl import build_tree
 from statetable import StateTable, TableConfig, decode_frame
 from statetable.decode import NOT_IP
+from statetable.mslt import Network
 
 log = logging.getLogger("pfsyncd")
 
@@ -45,13 +47,16 @@ class Node:
     """A state table, its clock, and the sources that feed it."""
 
     def __init__(self, hostid: int, limit_states: int = 100000,
+                 local_nets: Sequence[Network] = (),
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self.started = clock()
         self.hostid = hostid
         # pf numbers states from (boot time << 32) so ids stay unique across restarts.
         self.table = StateTable(TableConfig(hostid=hostid, id_base=int(time.time()) << 32,
-                                            limit_states=limit_states))
+                                            limit_states=limit_states,
+                                            local_nets=list(local_nets)))
+        self.sysctl = build_tree(self)
         self.non_ip = 0
         self.sources: list[PacketSource] = []
 

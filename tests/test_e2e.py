@@ -61,8 +61,10 @@ def real_pcap(tmp_path: Path) -> tuple[Path, list[traffic.Connection]]:
 @pytest.fixture
 def node(real_pcap: tuple[Path, list[traffic.Connection]]) -> Iterator[str]:
     addr = f"127.0.0.1:{free_port()}"
+    # Loopback TIME_WAIT would last 2 s; keep the closed connections' records for the test.
     proc = subprocess.Popen([BIN / "pfsyncd", "--pcap", str(real_pcap[0]), "--control", addr,
-                             "--hostid", HOSTID], stderr=subprocess.PIPE, text=True)
+                             "--hostid", HOSTID, "--sysctl", "net.inet.tcp.mslt.loopback=600"],
+                            stderr=subprocess.PIPE, text=True)
     try:
         wait_replayed(addr)
         yield addr
@@ -81,7 +83,8 @@ def test_pfctl_shows_replayed_real_traffic(node: str, real_pcap) -> None:
     assert len(tcp_rows) == 2                           # IPv4 and IPv6 connections
     v4 = conns[0]
     row = f"all tcp {v4.server[0]}:{v4.server[1]} <- {v4.client[0]}:{v4.client[1]}"
-    assert any(r.startswith(row) and r.endswith("FIN_WAIT_2:FIN_WAIT_2") for r in tcp_rows)
+    # Closed: vestigial (VTW) records, shown as TIME_WAIT on both sides.
+    assert any(r.startswith(row) and r.endswith("TIME_WAIT:TIME_WAIT") for r in tcp_rows)
     v6 = conns[2]
     assert any(f"::1[{v6.client[1]}]" in r for r in tcp_rows)
     assert any(r.startswith("all udp ") for r in lines)
@@ -90,11 +93,14 @@ def test_pfctl_shows_replayed_real_traffic(node: str, real_pcap) -> None:
 
     info = pfctl(node, "-s", "info")
     assert info.returncode == 0
-    assert any(r.split()[:3] == ["current", "entries", "3"] for r in info.stdout.splitlines())
+    # Only the UDP state is a full state; the closed TCP connections are VTW records.
+    assert any(r.split()[:3] == ["current", "entries", "1"] for r in info.stdout.splitlines())
     assert any(r.split()[:2] == ["state-mismatch", "0"] for r in info.stdout.splitlines())
 
     states = json.loads(pfctl(node, "-s", "states", "--json").stdout)["states"]
     assert {s["proto"] for s in states} == {6, 17}
+    assert sorted(s.get("vestigial", False) for s in states) == [False, True, True]
+    assert all(s["timeout"] == "tcp.timewait" for s in states if s["proto"] == 6)
 
 
 @pytest.mark.slow
@@ -158,7 +164,7 @@ def test_pfsyncd_usage_errors_are_one_line(argv: list[str], message: str) -> Non
 
 
 def test_help_of_every_console_script() -> None:
-    for tool in ("pfsyncd", "pfctl"):
+    for tool in ("pfsyncd", "pfctl", "pfsysctl"):
         proc = subprocess.run([BIN / tool, "--help"], capture_output=True, text=True, timeout=30)
         assert proc.returncode == 0 and "usage" in proc.stdout.lower()
 
@@ -169,7 +175,8 @@ def test_live_capture_tracks_kernel_traffic() -> None:
     with traffic.isolated_loopback() as ns:
         addr = f"127.0.0.1:{free_port()}"
         proc = subprocess.Popen(["ip", "netns", "exec", ns, BIN / "pfsyncd", "--capture", "lo",
-                                 "--control", addr], stderr=subprocess.PIPE, text=True)
+                                 "--control", addr, "--sysctl", "net.inet.tcp.mslt.loopback=60"],
+                                stderr=subprocess.PIPE, text=True)
         in_ns = ["ip", "netns", "exec", ns, BIN / "pfctl", "-N", addr]
         try:
             deadline = time.monotonic() + 20
@@ -182,7 +189,7 @@ def test_live_capture_tracks_kernel_traffic() -> None:
             while True:
                 out = subprocess.run([*in_ns, "-s", "states"], capture_output=True, text=True)
                 rows = [r for r in out.stdout.splitlines() if r.startswith(row)]
-                if rows and rows[0].endswith("FIN_WAIT_2:FIN_WAIT_2"):
+                if rows and rows[0].endswith("TIME_WAIT:TIME_WAIT"):
                     break
                 assert time.monotonic() < deadline, out.stdout
                 time.sleep(0.1)

@@ -30,7 +30,7 @@ def test_generated_code_matches_the_protos(tmp_path: Path) -> None:
 
 
 def test_generator_runs_as_a_module(tmp_path: Path) -> None:
-    """`python -m pfsync._protogen --out DIR` writes the three files for control.proto."""
+    """`python -m pfsync._protogen --out DIR` writes three files per .proto."""
     result = subprocess.run(
         [sys.executable, "-m", "pfsync._protogen", "--out", str(tmp_path)],
         capture_output=True,
@@ -40,7 +40,8 @@ def test_generator_runs_as_a_module(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     names = sorted(path.name for path in (tmp_path / _protogen.PACKAGE_DIR).iterdir())
-    assert names == ["control_pb2.py", "control_pb2.pyi", "control_pb2_grpc.py"]
+    assert names == ["control_pb2.py", "control_pb2.pyi", "control_pb2_grpc.py",
+                     "sysctl_pb2.py", "sysctl_pb2.pyi", "sysctl_pb2_grpc.py"]
 
 
 def test_protobuf_runs_on_upb() -> None:

@@ -31,7 +31,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from pfsync.v1 import control_pb2_grpc
+from pfsync.v1 import control_pb2_grpc, sysctl_pb2_grpc
 
 DEFAULT_NODE = "127.0.0.1:7070"
 NODE_ENV = "PFSYNC_NODE"
@@ -155,6 +155,7 @@ class Node:
             (("authorization", f"Bearer {target.token}"),) if target.token else ()
         )
         self.control = control_pb2_grpc.ControlStub(self._channel)
+        self.sysctl = sysctl_pb2_grpc.SysctlStub(self._channel)
 
     def __enter__(self) -> Node:
         return self
@@ -194,8 +195,15 @@ class Node:
             return ToolError(
                 f"node {address} wants a token (--token-file or {TOKEN_ENV}): {details}"
             )
+        if code in _REFUSED_INPUT:
+            # The node refused what the user asked for (a bad name or value): a usage error.
+            return UsageError(details or code.name.lower().replace("_", " "))
         status = code.name.lower().replace("_", " ")
         return ToolError(f"node {address}: {status}" + (f": {details}" if details else ""))
+
+
+_REFUSED_INPUT = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+                  grpc.StatusCode.FAILED_PRECONDITION)
 
 
 def run_tool(prog: str, body: Callable[[], int]) -> int:

@@ -1,0 +1,211 @@
+"""The node's sysctl tree: typed, named knobs and statistics (BSD sysctl(3) style).
+
+Each node is a :class:`SysctlNode` with a getter and, when writable, a setter that
+receives an already parsed and range-checked value. Knobs and statistics of later
+features only add nodes (``tree.add(...)``); the gRPC service, ``pfsysctl``, the
+``--sysctl`` flag and the config file's ``[sysctl]`` table all go through
+:meth:`SysctlTree.set`, so a value is checked the same way wherever it comes from.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Union
+
+from statetable import timeouts as tmo
+from statetable.mslt import CLASS_NAMES
+from statetable.vtw import HashStats
+
+if TYPE_CHECKING:
+    from pfsync.node import Node
+
+Value = Union[int, bool, str, list[tuple[str, int]]]
+
+
+class Kind(enum.Enum):
+    """A node's type (the wire enum's names)."""
+
+    INT = "int"
+    BOOL = "bool"
+    STRING = "string"
+    STRUCT = "struct"
+
+
+class SysctlError(Exception):
+    """A name or value the tree refuses; ``code`` says which kind, the message is one line."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code            # "not-found", "invalid" or "read-only"
+
+
+@dataclass(frozen=True)
+class SysctlNode:
+    """One named value of the tree."""
+
+    name: str
+    kind: Kind
+    description: str
+    get: Callable[[], Value]
+    set: Callable[[Value], None] | None = None
+    minimum: int | None = None
+    maximum: int | None = None
+    power_of_two: bool = False
+
+    @property
+    def writable(self) -> bool:
+        """Whether ``set`` may change it."""
+        return self.set is not None
+
+    def parse(self, text: str) -> int | bool:
+        """A value for this node from text, range-checked; SysctlError if unusable."""
+        text = text.strip()
+        if self.kind is Kind.BOOL:
+            lowered = text.lower()
+            if lowered in ("1", "true", "on", "yes"):
+                return True
+            if lowered in ("0", "false", "off", "no"):
+                return False
+            raise SysctlError("invalid", f"{self.name}: {text!r} is not 0 or 1")
+        if self.kind is not Kind.INT:
+            raise SysctlError("read-only", f"{self.name} is read-only")
+        try:
+            value = int(text, 0)
+        except ValueError:
+            raise SysctlError("invalid", f"{self.name}: {text!r} is not an integer") from None
+        if self.minimum is not None and value < self.minimum or \
+                self.maximum is not None and value > self.maximum:
+            raise SysctlError("invalid", f"{self.name}: {value} is out of range "
+                              f"{self.minimum}..{self.maximum}")
+        if self.power_of_two and value & (value - 1):
+            raise SysctlError("invalid", f"{self.name}: {value} is not a power of two")
+        return value
+
+
+class SysctlTree:
+    """Nodes by name, with BSD's lookup rules (exact name, subtree prefix, struct field)."""
+
+    def __init__(self) -> None:
+        self._nodes: dict[str, SysctlNode] = {}
+
+    def add(self, node: SysctlNode) -> None:
+        """Register a node; names are unique and no node may sit below another."""
+        if node.name in self._nodes or any(
+                n.startswith(node.name + ".") or node.name.startswith(n + ".")
+                for n in self._nodes):
+            raise ValueError(f"sysctl {node.name} clashes with an existing node")
+        self._nodes[node.name] = node
+
+    def node(self, name: str) -> SysctlNode:
+        """The node with exactly this name."""
+        node = self._nodes.get(name)
+        if node is None:
+            raise SysctlError("not-found", f"unknown sysctl name {name!r}")
+        return node
+
+    def list(self, prefix: str = "") -> list[SysctlNode]:
+        """Nodes named ``prefix`` or below it, sorted; all nodes for an empty prefix."""
+        if not prefix:
+            return sorted(self._nodes.values(), key=lambda n: n.name)
+        found = [n for name, n in self._nodes.items()
+                 if name == prefix or name.startswith(prefix + ".")]
+        if not found:
+            raise SysctlError("not-found", f"unknown sysctl name {prefix!r}")
+        return sorted(found, key=lambda n: n.name)
+
+    def get(self, name: str) -> tuple[SysctlNode, Value]:
+        """(node, value) for a node name, or for ``STRUCTNAME.FIELD`` (then the field's
+        value, as an INT)."""
+        node = self._nodes.get(name)
+        if node is not None:
+            return node, node.get()
+        head, _, tail = name.rpartition(".")
+        while head:
+            parent = self._nodes.get(head)
+            if parent is not None and parent.kind is Kind.STRUCT:
+                fields = [(f, v) for f, v in parent.get()              # type: ignore[union-attr]
+                          if f == tail or f.startswith(tail + ".")]
+                if fields:
+                    return parent, fields
+                break
+            head, _, rest = head.rpartition(".")
+            tail = f"{rest}.{tail}"
+        raise SysctlError("not-found", f"unknown sysctl name {name!r}")
+
+    def set(self, name: str, text: str) -> tuple[Value, Value]:
+        """Parse and apply a value; returns (old, new)."""
+        node = self.node(name)
+        if node.set is None:
+            raise SysctlError("read-only", f"{name} is read-only")
+        value = node.parse(text)
+        old = node.get()
+        node.set(value)
+        return old, node.get()
+
+
+def _hash_fields(prefix: str, stats: HashStats) -> list[tuple[str, int]]:
+    return [(f"{prefix}.{name}", value) for name, value in stats.items()]
+
+
+def build_tree(node: Node) -> SysctlTree:
+    """The tree of a node: VTW, MSLT, pf timeouts and limits."""
+    table = node.table
+    vtw, mslt = table.vtw, table.mslt
+    tree = SysctlTree()
+
+    def vtw_stats() -> list[tuple[str, int]]:
+        s = vtw.stats
+        fields = [("ins", s.ins), ("del", s.dels), ("kill", s.kill)]
+        fields += _hash_fields("lookup_connect", s.connect) + _hash_fields("lookup_port", s.port)
+        for af in (4, 6):
+            for cls, cname in enumerate(CLASS_NAMES):
+                pool = vtw.pools.get((af, cls))
+                inuse, free, nbytes = (pool.live, pool.capacity - pool.live, pool.nbytes) \
+                    if pool is not None else (0, vtw.entries - 1, 0)
+                base = f"class.ipv{af}.{cname}"
+                fields += [(f"{base}.inuse", inuse), (f"{base}.free", free),
+                           (f"{base}.bytes", nbytes)]
+        return fields
+
+    def set_mslt(field: str) -> Callable[[Value], None]:
+        def apply(value: Value) -> None:
+            setattr(mslt.config, field, value)
+        return apply
+
+    tree.add(SysctlNode("net.inet.tcp.vtw.enable", Kind.BOOL,
+                        "keep TIME_WAIT connections as compact vestigial records (0/1)",
+                        lambda: vtw.enabled, lambda v: table.set_vtw_enabled(bool(v))))
+    tree.add(SysctlNode("net.inet.tcp.vtw.entries", Kind.INT,
+                        "slots per VTW pool (one pool per family and MSLT class; "
+                        "power of two, 4..16777216)",
+                        lambda: vtw.entries, lambda v: table.set_vtw_entries(int(v)),
+                        minimum=4, maximum=1 << 24, power_of_two=True))
+    tree.add(SysctlNode("net.inet.tcp.vtw.stats", Kind.STRUCT,
+                        "VTW inserts, deletes, assassinations, hash lookups, pool usage",
+                        vtw_stats))
+    tree.add(SysctlNode("net.inet.tcp.mslt.enable", Kind.BOOL,
+                        "MSL by peer nearness (loopback/local/remote); 0: remote MSL for all",
+                        lambda: mslt.config.enable, set_mslt("enable")))
+    for field, text in (("loopback", "loopback connections"),
+                        ("local", "connections within the local networks"),
+                        ("remote", "other connections")):
+        tree.add(SysctlNode(f"net.inet.tcp.mslt.{field}", Kind.INT,
+                            f"MSL in seconds of {text} (TIME_WAIT lasts 2 x MSL), 0..3600",
+                            lambda field=field: getattr(mslt.config, field), set_mslt(field),
+                            minimum=0, maximum=3600))
+    tree.add(SysctlNode("net.inet.tcp.mslt.local_nets", Kind.STRING,
+                        "networks MSLT counts as local (--local-net)",
+                        lambda: " ".join(str(n) for n in mslt.local_nets)))
+    for i, name in enumerate(tmo.NAMES):
+        unit = "states" if name.startswith("adaptive.") else "seconds"
+        tree.add(SysctlNode(f"net.pf.timeout.{name}", Kind.INT,
+                            f"pf timeout {name} in {unit}",
+                            lambda i=i: table.timeouts[i],
+                            lambda v, i=i: table.timeouts.__setitem__(i, int(v)),
+                            minimum=0, maximum=(1 << 31) - 1))
+    tree.add(SysctlNode("net.pf.limit.states", Kind.INT, "hard limit of the state table",
+                        lambda: table.limit_states,
+                        lambda v: setattr(table, "limit_states", int(v)),
+                        minimum=1, maximum=(1 << 31) - 1))
+    return tree
