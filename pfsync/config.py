@@ -90,7 +90,8 @@ def load_config(flags: dict[str, Any], config_file: Path | None = None) -> NodeC
             raise ConfigError(f"{config_file}: no such config file")
 
         class FileConfig(NodeConfig):
-            model_config = SettingsConfigDict(**NodeConfig.model_config, toml_file=config_file)
+            model_config = SettingsConfigDict(**{**NodeConfig.model_config,  # type: ignore
+                                                 "toml_file": config_file})
 
         cls = FileConfig
     try:
