@@ -34,6 +34,12 @@ echo "--- pfctl -s states -v"
 .venv/bin/pfctl -N "$addr" -s states -v
 echo "--- pfctl -s info"
 .venv/bin/pfctl -N "$addr" -s info
+echo "--- pfsysctl: the closed connections are vestigial records (loopback: TIME_WAIT 2 s)"
+.venv/bin/pfsysctl -N "$addr" net.inet.tcp.vtw.stats.ins net.inet.tcp.vtw.stats.class.ipv4.loopback
+sleep 2.5
+echo "--- 2.5 s later: the records expired"
+.venv/bin/pfsysctl -N "$addr" net.inet.tcp.vtw.stats.del net.inet.tcp.vtw.stats.class.ipv4.loopback.inuse
+.venv/bin/pfctl -N "$addr" -s states
 if [ "$keep" = "--keep" ]; then
     echo "node running on $addr (pfctl -N $addr ...); Ctrl-C to stop"
     wait $node
