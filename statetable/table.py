@@ -42,7 +42,7 @@ UNLINKED = 22
 # Per protocol: (first, single, multiple) timeouts.
 _UDP_TIMEOUTS = (tmo.UDP_FIRST, tmo.UDP_SINGLE, tmo.UDP_MULTIPLE)
 _OTHER_TIMEOUTS = (tmo.OTHER_FIRST, tmo.OTHER_SINGLE, tmo.OTHER_MULTIPLE)
-_ICMP = (1, 58)
+_TIME_WAIT = tmo.TIME_WAIT        # a module constant: one lookup less per TCP packet
 
 
 class TableConfig(BaseModel):
@@ -131,7 +131,7 @@ class StateTable:
                     if flags & _SYN_ONLY_MASK == tcp.TH_SYN:
                         return self._create_tcp(key, flags, seq, win, dlen, iplen, opt, now)
                     return self._no_state()
-            if st.timeout == tmo.TIME_WAIT:
+            if st.timeout == _TIME_WAIT:
                 return self._time_wait_segment(st, fwd, pkt, now)
             if fwd:
                 st.traffic += PACKET + iplen
