@@ -33,7 +33,7 @@ from statetable.events import (Listener, RemoveReason, StateInserted, StateRemov
 from statetable.mslt import FLAG_MASK as MSLT_FLAGS, Mslt, MsltConfig, Network, class_flags
 from statetable.state import (ESTABLISHED, FIN_WAIT_2, MULTIPLE, PACKET, SINGLE,
                               State)
-from statetable.vtw import Pool, Vestigial, Vtw, VtwConfig
+from statetable.vtw import TICKS, Pool, Vestigial, Vtw, VtwConfig, quantize
 
 PASS, BLOCK = 0, 1
 _SYN_ONLY_MASK = tcp.TH_SYN | tcp.TH_ACK | tcp.TH_RST | tcp.TH_FIN
@@ -161,7 +161,7 @@ class StateTable:
     def _enter_time_wait(self, st: State, now: float) -> None:
         """Both peers are done: TIME_WAIT for 2 x MSL, as a VTW record when enabled."""
         cls = self.mslt.state_class(st.key, st.flags)
-        expire = now + self.mslt.time_wait(cls)
+        expire = quantize(now + self.mslt.time_wait(cls))
         if self.vtw.enabled:
             self._unlink(st)
             self.vtw.insert(st, cls, expire)
@@ -185,7 +185,8 @@ class StateTable:
                                   dst.max_win, dst.wscale)
         if action == timewait.PASS:
             src.traffic += PACKET + iplen
-            st.expire = now + self.mslt.time_wait(self.mslt.state_class(st.key, st.flags))
+            st.expire = quantize(now + self.mslt.time_wait(self.mslt.state_class(st.key,
+                                                                                st.flags)))
             if self._listener is not None:
                 self._listener(StateUpdated(st))
         elif action == timewait.CLOSE:
@@ -202,7 +203,7 @@ class StateTable:
         """A segment for a VTW record: the same decisions as :meth:`_time_wait_segment`."""
         proto, key, flags, seq, ack, win, dlen, iplen, opt = pkt
         pool, slot, fwd = hit
-        if pool.expire[slot] <= now:
+        if pool.expire[slot] + pool.base <= now * TICKS:        # exact: see vtw.TICKS
             self.vtw.remove(pool, slot, RemoveReason.EXPIRED)
             return self._no_tcp_state(pkt, now)
         s = slot + slot if fwd else slot + slot + 1
@@ -210,7 +211,7 @@ class StateTable:
         action = timewait.segment(flags, seq, ack, dlen, pool.seqlo[s], pool.wscale[s],
                                   pool.seqlo[d], pool.max_win[d], pool.wscale[d])
         if action == timewait.PASS:
-            self.vtw.restart(pool, slot, now + self.mslt.time_wait(pool.cls))
+            self.vtw.restart(pool, slot, quantize(now + self.mslt.time_wait(pool.cls)))
         elif action == timewait.CLOSE:
             self.vtw.remove(pool, slot, RemoveReason.CLOSED)
         elif action == timewait.REOPEN:

@@ -5,34 +5,40 @@ A connection in TIME_WAIT only has to recognise late segments (see
 So it leaves the main table and becomes a *record* in a pool.
 
 Pools
-    One pool per (address family, MSLT class), made on first use and never resized in
-    place. A pool is a set of preallocated flat arrays (``array``/``bytearray``), one
-    element per slot: no Python object per record, so records cost their bytes only and
-    the garbage collector never sees them. Slot 0 is the nil index, so a pool of N slots
-    holds N - 1 records and indexes with 16 bits up to N = 65536 ("narrow index").
+    One pool per (address family, MSLT class), made on first use. A pool is a set of
+    preallocated flat arrays (``array``/``bytearray``), one element per slot: no Python
+    object per record, so records cost their bytes only and the garbage collector never
+    sees them. Slots are referenced by narrow index: 16 bits up to 65536 slots. Slot 0 is
+    the nil index, so a pool of N slots holds N - 1 records.
 
-    Per record (IPv4): key 12 B, id 8, creatorid 4, both peers' seqlo/seqhi 16,
-    max_win 4, wscale 2, peer state 2, expiry 8, and 2 x (bucket head + chain link)
-    = 8 for the two hashes: 64 bytes. IPv6 keys add 24.
+    Per slot (IPv4): key 12 B, id 8, creatorid 4, both peers' seqlo/seqhi 16, max_win 4,
+    wscale 2, peer state 2, expiry 4, two hashes 8 (bucket head + chain link each), age
+    list 4 (older + newer link): 64 bytes. IPv6 keys add 24.
 
 Age order
-    Every record of a pool has the same lifetime (its class's 2 x MSL), so allocation
-    order is expiry order. Slots are handed out as a ring: ``oldest`` is the ring's tail,
-    ``alloc`` the next slot to hand out, ``span`` how many slots lie between them (live
-    records and holes left by records freed early). Expiry walks from ``oldest`` and stops
-    at the first live record not yet due. When the ring is full the record at ``oldest``
-    is evicted ("assassinated", counted as ``kill``). A restarted timer moves the record
-    to the ring's head, keeping the order. (If an MSL is changed at run time, records
-    made before the change may expire after later ones; lookups check expiry exactly,
-    so a due record is never matched, only reclaimed a little late.)
+    Every record of a pool has the same lifetime (its class's 2 x MSL), so insertion
+    order is expiry order. Live records form a doubly linked list from ``oldest`` to
+    ``newest``; free slots a singly linked free list (through ``newer``). Insertion
+    appends, expiry pops from ``oldest`` while due, a restarted timer moves the record to
+    the newest end, and when no slot is free the oldest record is evicted
+    ("assassinated", counted as ``kill``). All O(1); a freed slot is reusable at once, so
+    a pool evicts only when it really holds N - 1 records. (If an MSL is changed at run
+    time, records made before the change may expire after later ones; lookups check
+    expiry exactly, so a due record is never matched, only reclaimed a little late.)
+
+Expiry
+    Stored as uint32 ticks of 1/1024 s from the pool's ``base``. The table rounds every
+    TIME_WAIT expiry up to a tick (:func:`quantize`) in both VTW modes, so a record's
+    expiry is exactly the full state's. A pool whose records no longer fit its 48-day
+    tick range is rebuilt around the new time (see :meth:`Vtw.insert`).
 
 Hashes
     Two chained hashes over the pool's slots, each a bucket-head array and a per-slot
     link array: by full key (``lookup_connect``) and by the initiator's endpoint,
     address and port (``lookup_port``, NetBSD's local-port hash: "is this source port
     still held by a TIME_WAIT connection?"). Buckets = slots, so chains average under
-    one record; measured figures are in BENCHMARKS.md. Invariant: only live records are
-    chained; a freed slot is unlinked from both hashes before it is marked dead.
+    one record; bench/bench_vtw_hash.py measures this design against NetBSD's
+    fat-pointer buckets. Invariant: exactly the live records are chained.
 
 Statistics are NetBSD's: ins, del, kill and, per hash, look/hit/miss/probe/losing
 (records compared that were not the one sought) and the maxima of chain length, probes
@@ -41,6 +47,7 @@ and losses per lookup.
 
 from __future__ import annotations
 
+import math
 from array import array
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -50,9 +57,17 @@ from pydantic import BaseModel, Field, field_validator
 from statetable import keys
 from statetable.events import RemoveReason
 from statetable.mslt import CLASS_NAMES, class_flags
-from statetable.state import U16, State
+from statetable.state import FLAG_NOSYNC, U16, State
 
-DEAD = float("-inf")
+# Expiries are kept in ticks of 1/1024 s (a power of two: conversions are exact).
+TICKS = 1024
+# Half the uint32 tick range: a new pool's base sits this far before its first expiry.
+_HALF_RANGE = 1 << 31
+
+
+def quantize(when: float) -> float:
+    """``when`` rounded up to a tick: the expiry a record can hold exactly."""
+    return math.ceil(when * TICKS) / TICKS
 
 
 class VtwConfig(BaseModel):
@@ -145,13 +160,14 @@ OnRemove = Callable[["Pool", int, RemoveReason], None]
 class Pool:
     """The records of one (family, class): flat arrays indexed by slot (see module doc)."""
 
-    def __init__(self, af: int, cls: int, entries: int, stats: VtwStats) -> None:
+    def __init__(self, af: int, cls: int, entries: int, stats: VtwStats, base: int) -> None:
         if entries & (entries - 1) or entries < 4:
             raise ValueError("pool entries must be a power of two >= 4")
         self.af = af
         self.cls = cls
         self.size = entries
         self.stats = stats
+        self.base = base                      # tick that stored expiries count from
         self.keylen = kl = 12 if af == 4 else 36
         self.mask = entries - 1
         index = "H" if entries <= 0x10000 else "I"
@@ -163,16 +179,22 @@ class Pool:
         self.seqhi = array("I", bytes(8 * entries))
         self.max_win = array("H", bytes(4 * entries))
         self.wscale = array("B", bytes(2 * entries))
+        # pf peer state; the source side's top bit keeps the state's NOSYNC flag.
         self.pstate = array("B", bytes(2 * entries))
-        self.expire = array("d", [DEAD]) * entries
+        self.expire = array("I", bytes(4 * entries))
         width = array(index).itemsize * entries
         self.key_heads = array(index, bytes(width))
         self.key_next = array(index, bytes(width))
         self.port_heads = array(index, bytes(width))
         self.port_next = array(index, bytes(width))
+        self.older = array(index, bytes(width))
+        # Live slots: the next newer record; free slots: the next free slot.
+        self.newer = array(index, range(1, entries))
+        self.newer.append(0)
+        self.newer[0] = 0
+        self.free = 1
+        self.oldest = self.newest = 0
         self.live = 0
-        self.oldest = self.alloc = 1
-        self.span = 0
 
     @property
     def capacity(self) -> int:
@@ -184,8 +206,16 @@ class Pool:
         """Bytes of the pool's arrays."""
         arrays = (self.ids, self.creators, self.seqlo, self.seqhi, self.max_win, self.wscale,
                   self.pstate, self.expire, self.key_heads, self.key_next, self.port_heads,
-                  self.port_next)
+                  self.port_next, self.older, self.newer)
         return len(self.keys) + sum(a.itemsize * len(a) for a in arrays)
+
+    def fits(self, expire: float) -> bool:
+        """Whether an expiry (seconds) is within this pool's tick range."""
+        return 0 <= int(expire * TICKS) - self.base <= 0xFFFFFFFF
+
+    def expire_at(self, slot: int) -> float:
+        """A record's expiry in seconds."""
+        return (self.expire[slot] + self.base) / TICKS
 
     # ---- hashing ---------------------------------------------------------------------
 
@@ -265,30 +295,57 @@ class Pool:
         self.stats.port._lookup_done(bool(found), probes, losses)
         return found
 
-    # ---- slots -----------------------------------------------------------------------
+    # ---- the age list ----------------------------------------------------------------
+
+    def _append(self, slot: int) -> None:
+        """Make ``slot`` the newest record."""
+        self.older[slot] = self.newest
+        self.newer[slot] = 0
+        if self.newest:
+            self.newer[self.newest] = slot
+        else:
+            self.oldest = slot
+        self.newest = slot
+
+    def _detach(self, slot: int) -> None:
+        """Take ``slot`` out of the age list."""
+        older, newer = self.older[slot], self.newer[slot]
+        if older:
+            self.newer[older] = newer
+        else:
+            self.oldest = newer
+        if newer:
+            self.older[newer] = older
+        else:
+            self.newest = older
 
     def _take_slot(self, on_remove: OnRemove) -> int:
-        """The next ring slot, evicting the oldest record when the ring is full."""
-        if self.span == self.size - 1:
+        """A free slot, made the newest; the oldest record is evicted when none is free."""
+        if not self.free:
             victim = self.oldest
-            if self.expire[victim] != DEAD:
-                self.stats.kill += 1
-                on_remove(self, victim, RemoveReason.EVICTED)
-                self._release(victim)
-            self.oldest = victim + 1 if victim + 1 < self.size else 1
-            self.span -= 1
-        slot = self.alloc
-        self.alloc = slot + 1 if slot + 1 < self.size else 1
-        self.span += 1
+            self.stats.kill += 1
+            on_remove(self, victim, RemoveReason.EVICTED)
+            self._release(victim)
+        slot = self.free
+        self.free = self.newer[slot]
+        self._append(slot)
+        self.live += 1
         return slot
 
     def _release(self, slot: int) -> None:
         self._unlink(slot)
-        self.expire[slot] = DEAD
+        self._detach(slot)
+        self.newer[slot] = self.free
+        self.free = slot
         self.live -= 1
 
+    # ---- records ---------------------------------------------------------------------
+
     def insert(self, st: State, expire: float, on_remove: OnRemove) -> int:
-        """Store a state's TIME_WAIT essentials in a new record; returns its slot."""
+        """Store a state's TIME_WAIT essentials in a new record; returns its slot.
+
+        ``expire`` must fit the pool (:meth:`fits`).
+        """
         slot = self._take_slot(on_remove)
         o = slot * self.keylen
         self.keys[o:o + self.keylen] = st.key
@@ -301,62 +358,44 @@ class Pool:
             self.max_win[side] = peer.max_win
             self.wscale[side] = peer.wscale
             self.pstate[side] = peer.state
-        self.expire[slot] = expire
+        self.pstate[s] |= (st.flags & FLAG_NOSYNC) << 7
+        self.expire[slot] = int(expire * TICKS) - self.base
         self._link(slot, st.key)
-        self.live += 1
         self.stats.ins += 1
         return slot
 
-    def free(self, slot: int) -> None:
+    def free_record(self, slot: int) -> None:
         """Remove a live record (counted as ``del``)."""
         self._release(slot)
         self.stats.dels += 1
 
-    def restart(self, slot: int, expire: float, on_remove: OnRemove) -> int:
-        """Give a record a new expiry, moving it to the ring's head; returns its slot."""
-        if slot == (self.alloc - 1 if self.alloc > 1 else self.size - 1):
-            self.expire[slot] = expire              # already the newest
-            return slot
-        key = self._key_at(slot)
-        self._release(slot)
-        new = self._take_slot(on_remove)
-        self.live += 1
-        o = new * self.keylen
-        self.keys[o:o + self.keylen] = key
-        for a in (self.ids, self.creators):
-            a[new] = a[slot]
-        s, n = slot + slot, new + new
-        for a in (self.seqlo, self.seqhi, self.max_win, self.wscale, self.pstate):
-            a[n] = a[s]
-            a[n + 1] = a[s + 1]
-        self.expire[new] = expire
-        self._link(new, key)
-        return new
+    def restart(self, slot: int, expire: float) -> None:
+        """Give a record a new (later) expiry: it becomes the newest."""
+        if slot != self.newest:
+            self._detach(slot)
+            self._append(slot)
+        self.expire[slot] = int(expire * TICKS) - self.base
 
     def expire_due(self, now: float, on_remove: OnRemove) -> int:
-        """Free records due at ``now``, walking from the oldest; returns how many."""
+        """Free records due at ``now``, from the oldest; returns how many."""
         freed = 0
+        due = now * TICKS - self.base           # exact: TICKS is a power of two
         expire = self.expire
-        while self.span:
+        while self.oldest and expire[self.oldest] <= due:
             slot = self.oldest
-            when = expire[slot]
-            if when != DEAD:
-                if when > now:
-                    break
-                on_remove(self, slot, RemoveReason.EXPIRED)
-                self.free(slot)
-                freed += 1
-            self.oldest = slot + 1 if slot + 1 < self.size else 1
-            self.span -= 1
+            on_remove(self, slot, RemoveReason.EXPIRED)
+            self.free_record(slot)
+            freed += 1
         return freed
 
     def slots(self) -> Iterator[int]:
-        """Live slots, oldest first."""
+        """Live slots, oldest first (a snapshot)."""
+        found = []
         slot = self.oldest
-        for _ in range(self.span):
-            if self.expire[slot] != DEAD:
-                yield slot
-            slot = slot + 1 if slot + 1 < self.size else 1
+        while slot:
+            found.append(slot)
+            slot = self.newer[slot]
+        return iter(found)
 
     # ---- reading records -------------------------------------------------------------
 
@@ -367,10 +406,10 @@ class Pool:
     def view(self, slot: int) -> Vestigial:
         """A copy of a record."""
         s = slot + slot
-        peers = [PeerView(self.pstate[i], self.seqlo[i], self.seqhi[i], self.max_win[i],
-                          self.wscale[i]) for i in (s, s + 1)]
+        peers = [PeerView(self.pstate[i] & 0x7F, self.seqlo[i], self.seqhi[i],
+                          self.max_win[i], self.wscale[i]) for i in (s, s + 1)]
         return Vestigial(self._key_at(slot), self.ids[slot], self.creators[slot], peers[0],
-                         peers[1], self.expire[slot], self.cls)
+                         peers[1], self.expire_at(slot), self.cls)
 
     def to_state(self, slot: int) -> State:
         """A full State rebuilt from a record (traffic counters are not kept: zero).
@@ -378,7 +417,7 @@ class Pool:
         Its ``expire`` is the record's absolute expiry and its creation time is unknown,
         so it is set to the expiry too.
         """
-        when = self.expire[slot]
+        when = self.expire_at(slot)
         st = State(self._key_at(slot), 6, self.ids[slot], self.creators[slot], when)
         s = slot + slot
         for side, peer in ((s, st), (s + 1, st.dst)):
@@ -386,8 +425,8 @@ class Pool:
             peer.seqhi = self.seqhi[side]
             peer.max_win = U16[self.max_win[side]]
             peer.wscale = self.wscale[side]
-            peer.state = self.pstate[side]
-        st.flags = class_flags(self.cls)
+            peer.state = self.pstate[side] & 0x7F
+        st.flags = class_flags(self.cls) | (self.pstate[s] >> 7) * FLAG_NOSYNC
         return st
 
 
@@ -407,21 +446,42 @@ class Vtw:
         # Told about every record that leaves (the table turns it into an event).
         self.on_remove: OnRemove = _ignore
 
-    def pool(self, af: int, cls: int) -> Pool:
-        """The pool of a family and class, made on first use."""
-        pool = self.pools.get((af, cls))
-        if pool is None:
-            pool = self.pools[(af, cls)] = Pool(af, cls, self.entries, self.stats)
-            self._by_af[af].append(pool)
-            self._by_af[af].sort(key=lambda p: p.cls)
+    def _new_pool(self, af: int, cls: int, expire: float) -> Pool:
+        pool = Pool(af, cls, self.entries, self.stats, int(expire * TICKS) - _HALF_RANGE)
+        old = self.pools.get((af, cls))
+        self.pools[(af, cls)] = pool
+        pools = [p for p in self._by_af[af] if p is not old] + [pool]
+        self._by_af[af] = sorted(pools, key=lambda p: p.cls)
         return pool
 
     def insert(self, st: State, cls: int, expire: float) -> None:
-        """Make ``st`` (in TIME_WAIT) a record of class ``cls``."""
-        pool = self.pool(keys.family(st.key), cls)
+        """Make ``st`` (in TIME_WAIT) a record of class ``cls`` expiring at ``expire``
+        (a :func:`quantize`-d time)."""
+        af = keys.family(st.key)
+        pool = self.pools.get((af, cls))
+        if pool is None:
+            pool = self._new_pool(af, cls, expire)
+        elif not pool.fits(expire):
+            pool = self._rebuild(pool, expire)
         before = pool.live
         pool.insert(st, expire, self.on_remove)
         self.live += pool.live - before
+
+    def _rebuild(self, old: Pool, expire: float) -> Pool:
+        """A fresh pool centred on ``expire`` (after ~24 days of ticks), records moved;
+        records too old to fit are long due and are freed."""
+        pool = self._new_pool(old.af, old.cls, expire)
+        self.live -= old.live
+        for slot in old.slots():
+            when = old.expire_at(slot)
+            if pool.fits(when):
+                self.live += 1
+                pool.insert(old.to_state(slot), when, self.on_remove)
+                self.stats.ins -= 1            # moving is not inserting
+            else:
+                self.on_remove(old, slot, RemoveReason.EXPIRED)
+                self.stats.dels += 1
+        return pool
 
     def find(self, key: bytes, rkey: bytes) -> tuple[Pool, int, bool] | None:
         """(pool, slot, packet-is-from-the-initiator) for a packet's key, or None."""
@@ -444,14 +504,16 @@ class Vtw:
     def remove(self, pool: Pool, slot: int, reason: RemoveReason) -> None:
         """Free one live record, telling ``on_remove`` first."""
         self.on_remove(pool, slot, reason)
-        pool.free(slot)
+        pool.free_record(slot)
         self.live -= 1
 
     def restart(self, pool: Pool, slot: int, expire: float) -> None:
-        """Restart a record's TIME_WAIT timer."""
-        before = pool.live
-        pool.restart(slot, expire, self.on_remove)
-        self.live += pool.live - before
+        """Restart a record's TIME_WAIT timer: it expires at ``expire`` (quantized)."""
+        if not pool.fits(expire):
+            key = pool.key(slot)
+            pool = self._rebuild(pool, expire)
+            slot = pool.lookup(key)
+        pool.restart(slot, expire)
 
     def expire(self, now: float) -> int:
         """Free every record due at ``now``; returns how many."""
@@ -467,8 +529,10 @@ class Vtw:
             yield from [(pool, slot) for slot in pool.slots()]
 
     def drain(self) -> list[State]:
-        """Remove every record without events, returning each as a full State."""
+        """Remove every record (counted as ``del``, no events: the connections live on as
+        the returned full States) and drop the pools."""
         states = [pool.to_state(slot) for pool, slot in self.records()]
+        self.stats.dels += len(states)
         self.pools.clear()
         self._by_af = {4: [], 6: []}
         self.live = 0
@@ -484,8 +548,8 @@ class Vtw:
         self.live = 0
         moved = 0
         for pool in old:
-            for slot in list(pool.slots()):
-                self.insert(pool.to_state(slot), pool.cls, pool.expire[slot])
+            for slot in pool.slots():
+                self.insert(pool.to_state(slot), pool.cls, pool.expire_at(slot))
                 moved += 1
         self.stats.ins -= moved            # moving is not inserting
 

