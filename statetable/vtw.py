@@ -170,6 +170,7 @@ class Pool:
         self.base = base                      # tick that stored expiries count from
         self.keylen = kl = 12 if af == 4 else 36
         self.mask = entries - 1
+        self.key_mask = self.mask             # buckets of the full-key hash, minus one
         index = "H" if entries <= 0x10000 else "I"
         self.keys = bytearray(entries * kl)
         self.ids = array("Q", bytes(8 * entries))
@@ -227,40 +228,49 @@ class Pool:
         n = (self.keylen - 4) >> 1
         return hash(key[:n] + key[n + n:n + n + 2]) & self.mask
 
-    def _link(self, slot: int, key: bytes) -> None:
-        for heads, links, bucket, stats in (
-                (self.key_heads, self.key_next, hash(key) & self.mask, self.stats.connect),
-                (self.port_heads, self.port_next, self._port_bucket(key), self.stats.port)):
-            links[slot] = heads[bucket]
-            heads[bucket] = slot
-            chain = 0
-            i = slot
-            while i:
-                chain += 1
+    @staticmethod
+    def _chain(heads: array[int], links: array[int], bucket: int, slot: int,
+               stats: HashStats) -> None:
+        """Put ``slot`` at the head of a bucket's chain (and track the longest chain)."""
+        links[slot] = heads[bucket]
+        heads[bucket] = slot
+        chain = 0
+        i = slot
+        while i:
+            chain += 1
+            i = links[i]
+        if chain > stats.max_chain:
+            stats.max_chain = chain
+
+    @staticmethod
+    def _unchain(heads: array[int], links: array[int], bucket: int, slot: int) -> None:
+        """Take ``slot`` out of a bucket's chain."""
+        i = heads[bucket]
+        if i == slot:
+            heads[bucket] = links[slot]
+        else:
+            while links[i] != slot:
                 i = links[i]
-            if chain > stats.max_chain:
-                stats.max_chain = chain
+            links[i] = links[slot]
+        links[slot] = 0
+
+    def _link(self, slot: int, key: bytes) -> None:
+        self._chain(self.key_heads, self.key_next, hash(key) & self.key_mask, slot,
+                    self.stats.connect)
+        self._chain(self.port_heads, self.port_next, self._port_bucket(key), slot,
+                    self.stats.port)
 
     def _unlink(self, slot: int) -> None:
         key = self._key_at(slot)
-        for heads, links, bucket in (
-                (self.key_heads, self.key_next, hash(key) & self.mask),
-                (self.port_heads, self.port_next, self._port_bucket(key))):
-            i = heads[bucket]
-            if i == slot:
-                heads[bucket] = links[slot]
-            else:
-                while links[i] != slot:
-                    i = links[i]
-                links[i] = links[slot]
-            links[slot] = 0
+        self._unchain(self.key_heads, self.key_next, hash(key) & self.key_mask, slot)
+        self._unchain(self.port_heads, self.port_next, self._port_bucket(key), slot)
 
     def lookup(self, key: bytes) -> int:
         """The slot of the record with this exact key, or 0 (counted in lookup_connect)."""
         kl = self.keylen
         buf = self.keys
         links = self.key_next
-        i = self.key_heads[hash(key) & self.mask]
+        i = self.key_heads[hash(key) & self.key_mask]
         probes = 0
         while i:
             probes += 1
