@@ -106,3 +106,8 @@ class Mslt:
 def class_flags(cls: int) -> int:
     """State.flags bits recording a class."""
     return (cls + 1) << FLAG_SHIFT
+
+
+def stored_class(flags: int) -> int:
+    """The class recorded in State.flags (a TIME_WAIT state always has one)."""
+    return ((flags & FLAG_MASK) >> FLAG_SHIFT) - 1

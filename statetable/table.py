@@ -30,7 +30,8 @@ from statetable.counters import (FCNT_STATE_INSERT, FCNT_STATE_REMOVALS, FCNT_ST
                                  PFRES_STATEINS)
 from statetable.events import (Listener, RemoveReason, StateInserted, StateRemoved, StateUpdated,
                                StateVestigial, VestigialRemoved)
-from statetable.mslt import FLAG_MASK as MSLT_FLAGS, Mslt, MsltConfig, Network, class_flags
+from statetable.mslt import (FLAG_MASK as MSLT_FLAGS, Mslt, MsltConfig, Network, class_flags,
+                             stored_class)
 from statetable.state import (ESTABLISHED, FIN_WAIT_2, MULTIPLE, PACKET, SINGLE,
                               State)
 from statetable.vtw import TICKS, Pool, Vestigial, Vtw, VtwConfig, quantize
@@ -185,8 +186,7 @@ class StateTable:
                                   dst.max_win, dst.wscale)
         if action == timewait.PASS:
             src.traffic += PACKET + iplen
-            st.expire = quantize(now + self.mslt.time_wait(self.mslt.state_class(st.key,
-                                                                                st.flags)))
+            st.expire = quantize(now + self.mslt.time_wait(stored_class(st.flags)))
             if self._listener is not None:
                 self._listener(StateUpdated(st))
         elif action == timewait.CLOSE:
@@ -248,7 +248,7 @@ class StateTable:
             waiting = [st for st in self._tcp.values() if st.timeout == tmo.TIME_WAIT]
             for st in sorted(waiting, key=lambda st: st.expire):   # pools keep age order
                 self._unlink(st)
-                self.vtw.insert(st, self.mslt.state_class(st.key, st.flags), st.expire)
+                self.vtw.insert(st, stored_class(st.flags), st.expire)
             return
         for st in self.vtw.drain():
             st.timeout = tmo.TIME_WAIT
