@@ -173,22 +173,25 @@ class Pool:
         self.key_mask = self.mask             # buckets of the full-key hash, minus one
         index = "H" if entries <= 0x10000 else "I"
         self.keys = bytearray(entries * kl)
-        self.ids = array("Q", bytes(8 * entries))
-        self.creators = array("I", bytes(4 * entries))
+        self._view = memoryview(self.keys)      # slices of it copy once, not twice
+        self.ids = array("Q", [0]) * entries
+        self.creators = array("I", [0]) * entries
         # Peer fields interleaved: [2 * slot] is the source side, [2 * slot + 1] the other.
-        self.seqlo = array("I", bytes(8 * entries))
-        self.seqhi = array("I", bytes(8 * entries))
-        self.max_win = array("H", bytes(4 * entries))
-        self.wscale = array("B", bytes(2 * entries))
+        self.seqlo = array("I", [0]) * (2 * entries)
+        self.seqhi = array("I", [0]) * (2 * entries)
+        self.max_win = array("H", [0]) * (2 * entries)
+        self.wscale = array("B", [0]) * (2 * entries)
         # pf peer state; the source side's top bit keeps the state's NOSYNC flag.
-        self.pstate = array("B", bytes(2 * entries))
-        self.expire = array("I", bytes(4 * entries))
-        width = array(index).itemsize * entries
-        self.key_heads = array(index, bytes(width))
-        self.key_next = array(index, bytes(width))
-        self.port_heads = array(index, bytes(width))
-        self.port_next = array(index, bytes(width))
-        self.older = array(index, bytes(width))
+        self.pstate = array("B", [0]) * (2 * entries)
+        self.expire = array("I", [0]) * entries
+        # array(code, [0]) * n allocates exactly n items (array(code, bytes) over-allocates
+        # by 1/16 while it copies).
+        zeros = array(index, [0]) * entries
+        self.key_heads = zeros
+        self.key_next = array(index, zeros)
+        self.port_heads = array(index, zeros)
+        self.port_next = array(index, zeros)
+        self.older = array(index, zeros)
         # Live slots: the next newer record; free slots: the next free slot.
         self.newer = array(index, range(1, entries))
         self.newer.append(0)
@@ -222,25 +225,25 @@ class Pool:
 
     def _key_at(self, slot: int) -> bytes:
         o = slot * self.keylen
-        return bytes(self.keys[o:o + self.keylen])
+        return bytes(self._view[o:o + self.keylen])
 
     def _port_bucket(self, key: bytes) -> int:
+        # hash(initiator address) + port: no slicing of the port, and an initiator's
+        # consecutive ports land in consecutive buckets.
         n = (self.keylen - 4) >> 1
-        return hash(key[:n] + key[n + n:n + n + 2]) & self.mask
+        return (hash(key[:n]) + (key[n + n] << 8 | key[n + n + 1])) & self.mask
 
-    @staticmethod
-    def _chain(heads: array[int], links: array[int], bucket: int, slot: int,
-               stats: HashStats) -> None:
-        """Put ``slot`` at the head of a bucket's chain (and track the longest chain)."""
-        links[slot] = heads[bucket]
-        heads[bucket] = slot
-        chain = 0
-        i = slot
-        while i:
-            chain += 1
-            i = links[i]
-        if chain > stats.max_chain:
-            stats.max_chain = chain
+    # The per-record paths below (link, unlink, lookup, insert, release) are written out
+    # flat, without helper calls: a Python call costs about what the work inside costs,
+    # and these run for every closed connection and every new SYN (bench/bench_vtw.py).
+
+    def _link(self, slot: int, key: bytes) -> None:
+        bucket = hash(key) & self.key_mask
+        self.key_next[slot] = self.key_heads[bucket]
+        self.key_heads[bucket] = slot
+        bucket = self._port_bucket(key)
+        self.port_next[slot] = self.port_heads[bucket]
+        self.port_heads[bucket] = slot
 
     @staticmethod
     def _unchain(heads: array[int], links: array[int], bucket: int, slot: int) -> None:
@@ -254,12 +257,6 @@ class Pool:
             links[i] = links[slot]
         links[slot] = 0
 
-    def _link(self, slot: int, key: bytes) -> None:
-        self._chain(self.key_heads, self.key_next, hash(key) & self.key_mask, slot,
-                    self.stats.connect)
-        self._chain(self.port_heads, self.port_next, self._port_bucket(key), slot,
-                    self.stats.port)
-
     def _unlink(self, slot: int) -> None:
         key = self._key_at(slot)
         self._unchain(self.key_heads, self.key_next, hash(key) & self.key_mask, slot)
@@ -267,19 +264,38 @@ class Pool:
 
     def lookup(self, key: bytes) -> int:
         """The slot of the record with this exact key, or 0 (counted in lookup_connect)."""
+        stats = self.stats.connect
+        stats.look += 1
+        i = self.key_heads[hash(key) & self.key_mask]
+        if not i:
+            stats.miss += 1                     # the common case: an empty bucket
+            return 0
         kl = self.keylen
         buf = self.keys
         links = self.key_next
-        i = self.key_heads[hash(key) & self.key_mask]
         probes = 0
         while i:
             probes += 1
             o = i * kl
             if buf[o:o + kl] == key:
-                self.stats.connect._lookup_done(True, probes, probes - 1)
+                stats.hit += 1
+                stats.probe += probes
+                stats.losing += probes - 1
+                if probes > stats.max_probe:
+                    stats.max_probe = probes
+                if probes - 1 > stats.max_loss:
+                    stats.max_loss = probes - 1
                 return i
             i = links[i]
-        self.stats.connect._lookup_done(False, probes, probes)
+        stats.miss += 1
+        stats.probe += probes
+        stats.losing += probes
+        if probes > stats.max_probe:
+            stats.max_probe = probes
+        if probes > stats.max_loss:
+            stats.max_loss = probes
+        if probes > stats.max_chain:            # a miss walked the whole chain
+            stats.max_chain = probes
         return 0
 
     def lookup_port(self, addr: bytes, port: int) -> list[int]:
@@ -289,7 +305,7 @@ class Pool:
             return []
         want = addr + port.to_bytes(2, "big")
         links = self.port_next
-        i = self.port_heads[hash(want) & self.mask]
+        i = self.port_heads[(hash(addr) + port) & self.mask]
         found: list[int] = []
         probes = losses = 0
         kl = self.keylen
@@ -302,7 +318,10 @@ class Pool:
             else:
                 losses += 1
             i = links[i]
-        self.stats.port._lookup_done(bool(found), probes, losses)
+        stats = self.stats.port
+        stats._lookup_done(bool(found), probes, losses)
+        if probes > stats.max_chain:            # a port lookup always walks the chain
+            stats.max_chain = probes
         return found
 
     # ---- the age list ----------------------------------------------------------------
@@ -329,20 +348,8 @@ class Pool:
         else:
             self.newest = older
 
-    def _take_slot(self, on_remove: OnRemove) -> int:
-        """A free slot, made the newest; the oldest record is evicted when none is free."""
-        if not self.free:
-            victim = self.oldest
-            self.stats.kill += 1
-            on_remove(self, victim, RemoveReason.EVICTED)
-            self._release(victim)
-        slot = self.free
-        self.free = self.newer[slot]
-        self._append(slot)
-        self.live += 1
-        return slot
-
     def _release(self, slot: int) -> None:
+        """Unchain a live record, take it out of the age list, and free its slot."""
         self._unlink(slot)
         self._detach(slot)
         self.newer[slot] = self.free
@@ -352,25 +359,39 @@ class Pool:
     # ---- records ---------------------------------------------------------------------
 
     def insert(self, st: State, expire: float, on_remove: OnRemove) -> int:
-        """Store a state's TIME_WAIT essentials in a new record; returns its slot.
+        """Store a state's TIME_WAIT essentials in a new record, the newest; returns its
+        slot. When no slot is free the oldest record is evicted first.
 
         ``expire`` must fit the pool (:meth:`fits`).
         """
-        slot = self._take_slot(on_remove)
+        slot = self.free
+        if not slot:
+            slot = self.oldest
+            self.stats.kill += 1
+            on_remove(self, slot, RemoveReason.EVICTED)
+            self._release(slot)
+        self.free = self.newer[slot]
+        self._append(slot)
+        self.live += 1
+        key = st.key
         o = slot * self.keylen
-        self.keys[o:o + self.keylen] = st.key
+        self.keys[o:o + self.keylen] = key
         self.ids[slot] = st.id
         self.creators[slot] = st.creatorid
         s = slot + slot
-        for side, peer in ((s, st), (s + 1, st.dst)):
-            self.seqlo[side] = peer.seqlo
-            self.seqhi[side] = peer.seqhi
-            self.max_win[side] = peer.max_win
-            self.wscale[side] = peer.wscale
-            self.pstate[side] = peer.state
-        self.pstate[s] |= (st.flags & FLAG_NOSYNC) << 7
+        d = st.dst
+        self.seqlo[s] = st.seqlo
+        self.seqlo[s + 1] = d.seqlo
+        self.seqhi[s] = st.seqhi
+        self.seqhi[s + 1] = d.seqhi
+        self.max_win[s] = st.max_win
+        self.max_win[s + 1] = d.max_win
+        self.wscale[s] = st.wscale
+        self.wscale[s + 1] = d.wscale
+        self.pstate[s] = st.state | (st.flags & FLAG_NOSYNC) << 7
+        self.pstate[s + 1] = d.state
         self.expire[slot] = int(expire * TICKS) - self.base
-        self._link(slot, st.key)
+        self._link(slot, key)
         self.stats.ins += 1
         return slot
 
