@@ -19,8 +19,8 @@ node does. Each mode runs in its own processes so RSS and the GC are not shared:
 
 Memory: one pool's worth of connections (--entries - 1) closed without purge, measured
 from before the first close, so the pool's preallocated arrays count in full. Steady
-state: the pool is sized for 2 x MSL + 1 s of closes (a record lives until the purge
-after it is due), --seconds of wall time after a warm-up, GC collections timed through
+state: the smallest pool holding --live records (a pool frees due records before each
+insert), --seconds of wall time after a warm-up, GC collections timed through
 ``gc.callbacks``; afterwards a stretch timed call by call shows where the time goes.
 """
 
@@ -179,9 +179,10 @@ def steady_phase(mode: str, args: argparse.Namespace) -> dict:
     """Warm up to steady state, then run --seconds of wall time with GC callbacks."""
     tw = 2.0 * args.msl
     step = tw / args.live
-    # The node purges once a second, so a pool must hold 2 x MSL + 1 s of closes.
+    # A pool frees due records before each insert, so it holds exactly the connections
+    # in TIME_WAIT: the smallest pool with room for --live of them (and a few more).
     entries = 4
-    while entries - 1 < args.live * (tw + 1.0) / tw:
+    while entries - 1 < args.live * 1.001:
         entries *= 2
     table = new_table(mode, entries, args.msl)
     churn = Churn(table, step)
@@ -360,9 +361,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=15.0,
                     help="wall time of the steady-state run per mode (default 15)")
-    ap.add_argument("--live", type=int, default=65536,
+    ap.add_argument("--live", type=int, default=65000,
                     help="connections in TIME_WAIT at any moment, i.e. closed within the "
-                         "last 2 x MSL (default 65536)")
+                         "last 2 x MSL (default 65000)")
     ap.add_argument("--mode", choices=("both", *MODES), default="both")
     ap.add_argument("--entries", type=int, default=65536,
                     help="VTW pool slots for the memory fill, filled to entries - 1 "

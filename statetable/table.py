@@ -34,7 +34,7 @@ from statetable.mslt import (FLAG_MASK as MSLT_FLAGS, Mslt, MsltConfig, Network,
                              stored_class)
 from statetable.state import (ESTABLISHED, FIN_WAIT_2, MULTIPLE, PACKET, SINGLE,
                               State)
-from statetable.vtw import TICKS, Pool, Vestigial, Vtw, VtwConfig, quantize
+from statetable.vtw import TICKS, WSCALE_BITS, Pool, Vestigial, Vtw, VtwConfig, quantize
 
 PASS, BLOCK = 0, 1
 _SYN_ONLY_MASK = tcp.TH_SYN | tcp.TH_ACK | tcp.TH_RST | tcp.TH_FIN
@@ -163,9 +163,8 @@ class StateTable:
         """Both peers are done: TIME_WAIT for 2 x MSL, as a VTW record when enabled."""
         cls = self.mslt.state_class(st.key, st.flags)
         expire = quantize(now + self.mslt.time_wait(cls))
-        if self.vtw.enabled:
+        if self.vtw.enabled and self.vtw.insert(st, cls, expire, now):
             self._unlink(st)
-            self.vtw.insert(st, cls, expire)
             if self._listener is not None:
                 self._listener(StateVestigial(st))
             return
@@ -208,8 +207,9 @@ class StateTable:
             return self._no_tcp_state(pkt, now)
         s = slot + slot if fwd else slot + slot + 1
         d = s ^ 1
-        action = timewait.segment(flags, seq, ack, dlen, pool.seqlo[s], pool.wscale[s],
-                                  pool.seqlo[d], pool.max_win[d], pool.wscale[d])
+        action = timewait.segment(flags, seq, ack, dlen, pool.seqlo[s],
+                                  pool.peer[s] & WSCALE_BITS, pool.seqlo[d], pool.max_win[d],
+                                  pool.peer[d] & WSCALE_BITS)
         if action == timewait.PASS:
             self.vtw.restart(pool, slot, quantize(now + self.mslt.time_wait(pool.cls)))
         elif action == timewait.CLOSE:
@@ -224,8 +224,8 @@ class StateTable:
 
     def _record_removed(self, pool: Pool, slot: int, reason: RemoveReason) -> None:
         if self._listener is not None:
-            self._listener(VestigialRemoved(pool.key(slot), pool.ids[slot], pool.creators[slot],
-                                            reason))
+            self._listener(VestigialRemoved(pool.key(slot), pool.ids[slot],
+                                            pool.creator_of(slot), reason))
 
     def _no_tcp_state(self, pkt: tuple, now: float) -> int:
         """A TCP segment whose TIME_WAIT connection just expired: as if none was found."""
@@ -247,8 +247,8 @@ class StateTable:
         if enable:
             waiting = [st for st in self._tcp.values() if st.timeout == tmo.TIME_WAIT]
             for st in sorted(waiting, key=lambda st: st.expire):   # pools keep age order
-                self._unlink(st)
-                self.vtw.insert(st, stored_class(st.flags), st.expire)
+                if self.vtw.insert(st, stored_class(st.flags), st.expire):
+                    self._unlink(st)
             return
         for st in self.vtw.drain():
             st.timeout = tmo.TIME_WAIT

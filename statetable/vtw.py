@@ -11,9 +11,10 @@ Pools
     sees them. Slots are referenced by narrow index: 16 bits up to 65536 slots. Slot 0 is
     the nil index, so a pool of N slots holds N - 1 records.
 
-    Per slot (IPv4): key 12 B, id 8, creatorid 4, both peers' seqlo/seqhi 16, max_win 4,
-    wscale 2, peer state 2, expiry 4, two hashes 8 (bucket head + chain link each), age
-    list 4 (older + newer link): 64 bytes. IPv6 keys add 24.
+    Per slot (IPv4): key 12 B, id 8, creator index 2, both peers' seqlo/seqhi 16,
+    max_win 4, wscale with the peer's state bits 2, expiry 4, key-hash tag 1, two hashes
+    8 (bucket head + chain link each), age list 4 (older + newer link): 61 bytes. IPv6
+    keys add 24. (Above 65,536 slots the six index arrays are 32-bit: 73 bytes.)
 
 Age order
     Every record of a pool has the same lifetime (its class's 2 x MSL), so insertion
@@ -57,8 +58,12 @@ from pydantic import BaseModel, Field, field_validator
 from statetable import keys
 from statetable.events import RemoveReason
 from statetable.mslt import CLASS_NAMES, class_flags
-from statetable.state import FLAG_NOSYNC, U16, State
+from statetable.state import FIN_WAIT_2, FLAG_NOSYNC, TIME_WAIT, U16, State
 
+# Pool.peer bits beside pf's wscale encoding (0x80 | shift).
+WSCALE_BITS = 0x8F
+PEER_TIME_WAIT = 0x10
+PEER_NOSYNC = 0x20
 # Expiries are kept in ticks of 1/1024 s (a power of two: conversions are exact).
 TICKS = 1024
 # Half the uint32 tick range: a new pool's base sits this far before its first expiry.
@@ -175,15 +180,23 @@ class Pool:
         self.keys = bytearray(entries * kl)
         self._view = memoryview(self.keys)      # slices of it copy once, not twice
         self.ids = array("Q", [0]) * entries
-        self.creators = array("I", [0]) * entries
+        # creatorids are few (one per node of a mesh): a record keeps a 16-bit index into
+        # this pool's list of them.
+        self.creator = array("H", [0]) * entries
+        self.creator_ids: list[int] = []
+        self._creator_index: dict[int, int] = {}
         # Peer fields interleaved: [2 * slot] is the source side, [2 * slot + 1] the other.
         self.seqlo = array("I", [0]) * (2 * entries)
         self.seqhi = array("I", [0]) * (2 * entries)
         self.max_win = array("H", [0]) * (2 * entries)
-        self.wscale = array("B", [0]) * (2 * entries)
-        # pf peer state; the source side's top bit keeps the state's NOSYNC flag.
-        self.pstate = array("B", [0]) * (2 * entries)
+        # pf's wscale byte (0x80 | shift) with two spare bits used: PEER_TIME_WAIT (the
+        # peer is TIME_WAIT, else FIN_WAIT_2: a record's peers are never anything else)
+        # and, on the source side, PEER_NOSYNC (the state's NOSYNC flag).
+        self.peer = array("B", [0]) * (2 * entries)
         self.expire = array("I", [0]) * entries
+        # One byte of each record's key hash, checked before its key: a chained lookup
+        # then rarely touches the (large, cold) key array of a record it does not want.
+        self.tags = bytearray(entries)
         # array(code, [0]) * n allocates exactly n items (array(code, bytes) over-allocates
         # by 1/16 while it copies).
         zeros = array(index, [0]) * entries
@@ -208,10 +221,10 @@ class Pool:
     @property
     def nbytes(self) -> int:
         """Bytes of the pool's arrays."""
-        arrays = (self.ids, self.creators, self.seqlo, self.seqhi, self.max_win, self.wscale,
-                  self.pstate, self.expire, self.key_heads, self.key_next, self.port_heads,
+        arrays = (self.ids, self.creator, self.seqlo, self.seqhi, self.max_win, self.peer,
+                  self.expire, self.key_heads, self.key_next, self.port_heads,
                   self.port_next, self.older, self.newer)
-        return len(self.keys) + sum(a.itemsize * len(a) for a in arrays)
+        return len(self.keys) + len(self.tags) + sum(a.itemsize * len(a) for a in arrays)
 
     def fits(self, expire: float) -> bool:
         """Whether an expiry (seconds) is within this pool's tick range."""
@@ -238,7 +251,9 @@ class Pool:
     # and these run for every closed connection and every new SYN (bench/bench_vtw.py).
 
     def _link(self, slot: int, key: bytes) -> None:
-        bucket = hash(key) & self.key_mask
+        h = hash(key)
+        self.tags[slot] = h >> 56 & 0xFF        # high bits: the bucket uses the low ones
+        bucket = h & self.key_mask
         self.key_next[slot] = self.key_heads[bucket]
         self.key_heads[bucket] = slot
         bucket = self._port_bucket(key)
@@ -266,34 +281,39 @@ class Pool:
         """The slot of the record with this exact key, or 0 (counted in lookup_connect)."""
         stats = self.stats.connect
         stats.look += 1
-        i = self.key_heads[hash(key) & self.key_mask]
+        h = hash(key)
+        i = self.key_heads[h & self.key_mask]
         if not i:
             stats.miss += 1                     # the common case: an empty bucket
             return 0
+        tag = h >> 56 & 0xFF
+        tags = self.tags
         kl = self.keylen
         buf = self.keys
         links = self.key_next
-        probes = 0
+        probes = losses = 0
         while i:
             probes += 1
-            o = i * kl
-            if buf[o:o + kl] == key:
-                stats.hit += 1
-                stats.probe += probes
-                stats.losing += probes - 1
-                if probes > stats.max_probe:
-                    stats.max_probe = probes
-                if probes - 1 > stats.max_loss:
-                    stats.max_loss = probes - 1
-                return i
+            if tags[i] == tag:
+                o = i * kl
+                if buf[o:o + kl] == key:
+                    stats.hit += 1
+                    stats.probe += probes
+                    stats.losing += losses
+                    if probes > stats.max_probe:
+                        stats.max_probe = probes
+                    if losses > stats.max_loss:
+                        stats.max_loss = losses
+                    return i
+                losses += 1                     # the tag matched, the key did not
             i = links[i]
         stats.miss += 1
         stats.probe += probes
-        stats.losing += probes
+        stats.losing += losses
         if probes > stats.max_probe:
             stats.max_probe = probes
-        if probes > stats.max_loss:
-            stats.max_loss = probes
+        if losses > stats.max_loss:
+            stats.max_loss = losses
         if probes > stats.max_chain:            # a miss walked the whole chain
             stats.max_chain = probes
         return 0
@@ -358,12 +378,23 @@ class Pool:
 
     # ---- records ---------------------------------------------------------------------
 
-    def insert(self, st: State, expire: float, on_remove: OnRemove) -> int:
+    def insert(self, st: State, expire: float, now: float, on_remove: OnRemove) -> int:
         """Store a state's TIME_WAIT essentials in a new record, the newest; returns its
-        slot. When no slot is free the oldest record is evicted first.
+        slot, or 0 when the pool cannot name the state's creator (65,536 of them).
 
+        Records due at ``now`` are freed first (so a pool holds the connections in
+        TIME_WAIT, not those awaiting the next purge); then, when no slot is free, the
+        oldest record is evicted. Both peers must be FIN_WAIT_2 or TIME_WAIT, and
         ``expire`` must fit the pool (:meth:`fits`).
         """
+        creator = self._creator_index.get(st.creatorid)
+        if creator is None:
+            if len(self.creator_ids) > 0xFFFF:
+                return 0
+            creator = self._creator_index[st.creatorid] = len(self.creator_ids)
+            self.creator_ids.append(st.creatorid)
+        if self.oldest:
+            self.expire_due(now, on_remove)
         slot = self.free
         if not slot:
             slot = self.oldest
@@ -377,7 +408,7 @@ class Pool:
         o = slot * self.keylen
         self.keys[o:o + self.keylen] = key
         self.ids[slot] = st.id
-        self.creators[slot] = st.creatorid
+        self.creator[slot] = creator
         s = slot + slot
         d = st.dst
         self.seqlo[s] = st.seqlo
@@ -386,10 +417,9 @@ class Pool:
         self.seqhi[s + 1] = d.seqhi
         self.max_win[s] = st.max_win
         self.max_win[s + 1] = d.max_win
-        self.wscale[s] = st.wscale
-        self.wscale[s + 1] = d.wscale
-        self.pstate[s] = st.state | (st.flags & FLAG_NOSYNC) << 7
-        self.pstate[s + 1] = d.state
+        self.peer[s] = st.wscale | (st.state == TIME_WAIT) << 4 | \
+            (st.flags & FLAG_NOSYNC and PEER_NOSYNC)
+        self.peer[s + 1] = d.wscale | (d.state == TIME_WAIT) << 4
         self.expire[slot] = int(expire * TICKS) - self.base
         self._link(slot, key)
         self.stats.ins += 1
@@ -434,12 +464,19 @@ class Pool:
         """A record's key."""
         return self._key_at(slot)
 
+    def creator_of(self, slot: int) -> int:
+        """A record's creatorid."""
+        return self.creator_ids[self.creator[slot]]
+
+    def _peer_state(self, side: int) -> int:
+        return TIME_WAIT if self.peer[side] & PEER_TIME_WAIT else FIN_WAIT_2
+
     def view(self, slot: int) -> Vestigial:
         """A copy of a record."""
         s = slot + slot
-        peers = [PeerView(self.pstate[i] & 0x7F, self.seqlo[i], self.seqhi[i],
-                          self.max_win[i], self.wscale[i]) for i in (s, s + 1)]
-        return Vestigial(self._key_at(slot), self.ids[slot], self.creators[slot], peers[0],
+        peers = [PeerView(self._peer_state(i), self.seqlo[i], self.seqhi[i], self.max_win[i],
+                          self.peer[i] & WSCALE_BITS) for i in (s, s + 1)]
+        return Vestigial(self._key_at(slot), self.ids[slot], self.creator_of(slot), peers[0],
                          peers[1], self.expire_at(slot), self.cls)
 
     def to_state(self, slot: int) -> State:
@@ -449,15 +486,15 @@ class Pool:
         so it is set to the expiry too.
         """
         when = self.expire_at(slot)
-        st = State(self._key_at(slot), 6, self.ids[slot], self.creators[slot], when)
+        st = State(self._key_at(slot), 6, self.ids[slot], self.creator_of(slot), when)
         s = slot + slot
         for side, peer in ((s, st), (s + 1, st.dst)):
             peer.seqlo = self.seqlo[side]
             peer.seqhi = self.seqhi[side]
             peer.max_win = U16[self.max_win[side]]
-            peer.wscale = self.wscale[side]
-            peer.state = self.pstate[side] & 0x7F
-        st.flags = class_flags(self.cls) | (self.pstate[s] >> 7) * FLAG_NOSYNC
+            peer.wscale = self.peer[side] & WSCALE_BITS
+            peer.state = self._peer_state(side)
+        st.flags = class_flags(self.cls) | (FLAG_NOSYNC if self.peer[s] & PEER_NOSYNC else 0)
         return st
 
 
@@ -485,18 +522,19 @@ class Vtw:
         self._by_af[af] = sorted(pools, key=lambda p: p.cls)
         return pool
 
-    def insert(self, st: State, cls: int, expire: float) -> None:
+    def insert(self, st: State, cls: int, expire: float, now: float = -math.inf) -> bool:
         """Make ``st`` (in TIME_WAIT) a record of class ``cls`` expiring at ``expire``
-        (a :func:`quantize`-d time)."""
-        af = keys.family(st.key)
+        (a :func:`quantize`-d time); False if its pool cannot take it (see Pool.insert)."""
+        af = 4 if len(st.key) == 12 else 6
         pool = self.pools.get((af, cls))
         if pool is None:
             pool = self._new_pool(af, cls, expire)
-        elif not pool.fits(expire):
+        elif not 0 <= int(expire * TICKS) - pool.base <= 0xFFFFFFFF:
             pool = self._rebuild(pool, expire)
         before = pool.live
-        pool.insert(st, expire, self.on_remove)
+        slot = pool.insert(st, expire, now, self.on_remove)
         self.live += pool.live - before
+        return slot != 0
 
     def _rebuild(self, old: Pool, expire: float) -> Pool:
         """A fresh pool centred on ``expire`` (after ~24 days of ticks), records moved;
@@ -507,7 +545,7 @@ class Vtw:
             when = old.expire_at(slot)
             if pool.fits(when):
                 self.live += 1
-                pool.insert(old.to_state(slot), when, self.on_remove)
+                pool.insert(old.to_state(slot), when, -math.inf, self.on_remove)
                 self.stats.ins -= 1            # moving is not inserting
             else:
                 self.on_remove(old, slot, RemoveReason.EXPIRED)

@@ -9,6 +9,7 @@ the same verdicts, PFRES counters and TIME_WAIT contents with VTW on as with VTW
 from __future__ import annotations
 
 import ipaddress
+import tracemalloc
 from typing import Any, Callable
 
 import pytest
@@ -24,7 +25,7 @@ from statetable.events import (Event, RemoveReason, StateInserted, StateVestigia
                                VestigialRemoved)
 from statetable.mslt import CLASSLESS, LOCAL, LOOPBACK, REMOTE, MsltConfig, Network
 from statetable.state import CLOSED, FIN_WAIT_2, SYN_SENT, TIME_WAIT, Peer, State
-from statetable.vtw import PeerView, Pool, Vestigial, VtwConfig
+from statetable.vtw import PeerView, Pool, Vestigial, VtwConfig, VtwStats
 from tests.packets import ACK, FIN, PSH, RST, SYN
 from tests.test_tcp_tracking import (M, T0, Conn, Conversation, close_client_first,
                                      conversations, handshake, replay)
@@ -542,22 +543,47 @@ def _ipv4_pool(entries: int) -> Pool:
     return table.vtw.pools[(4, REMOTE)]
 
 
-def test_ipv4_pool_costs_64_bytes_per_slot() -> None:
-    """Flat arrays only: 64 bytes per slot for IPv4 (88 with IPv6 keys), nothing per record."""
+def test_ipv4_pool_costs_61_bytes_per_slot() -> None:
+    """Flat arrays only: 61 bytes per slot for IPv4 (85 with IPv6 keys), nothing per record."""
     pool = _ipv4_pool(65536)
     assert pool.capacity == 65535
-    assert pool.nbytes / pool.size == 64
+    assert pool.nbytes / pool.size == 61
     v6 = vtw_table()
     closed(v6, client="2001:db8::c", server="2001:db8::5")
     pool6 = v6.vtw.pools[(6, REMOTE)]
-    assert pool6.nbytes / pool6.size == 64 + 24
+    assert pool6.nbytes / pool6.size == 61 + 24
 
 
-def test_ipv4_pool_costs_64_bytes_per_record() -> None:
-    """64 bytes per slot; the nil slot 0 adds 1/65535 of a slot per record."""
-    pool = _ipv4_pool(65536)
-    assert pool.nbytes == 64 * 65536
-    assert pool.nbytes / pool.capacity < 64.001
+def test_a_pool_allocates_what_it_counts() -> None:
+    """tracemalloc sees the pool's arrays and little else: no hidden over-allocation."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        pool = Pool(4, REMOTE, 65536, VtwStats(), 0)
+        allocated = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert pool.nbytes == 61 * 65536
+    assert pool.nbytes <= allocated < pool.nbytes + 16384
+    assert allocated / pool.capacity < 61.3
+
+
+def test_a_creator_the_pool_cannot_name_stays_a_full_time_wait_state() -> None:
+    """Records name creators by a 16-bit index; a 65,537th creator keeps a full state,
+    which behaves exactly as a record would."""
+    table = vtw_table()
+    closed(table, cport=1000)
+    pool = table.vtw.pools[(4, REMOTE)]
+    pool.creator_ids.extend(range(2, 65538))       # as if 65,536 creators were seen
+    pool._creator_index.update((c, i + 1) for i, c in enumerate(range(2, 65538)))
+    table.hostid = 0x77777777
+    conn = closed(table, cport=2000)
+    assert table.vtw.live == 1 and table.count == 1
+    st = conn.st
+    assert st.timeout == tmo.TIME_WAIT and st.creatorid == 0x77777777
+    conn.now += 5
+    assert conn.c(FIN | ACK, 1001, 5001) == PASS                # a late FIN still passes
+    assert conn.c(ACK | PSH, 1002, 5002, dlen=10) == BLOCK      # new data does not
 
 
 @pytest.mark.parametrize("entries", [1000, 3, 2, 65535, 1 << 25])
