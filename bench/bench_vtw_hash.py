@@ -117,23 +117,6 @@ class WideChainPool(Pool):
         self.key_heads = array(self.key_heads.typecode,
                                bytes(self.key_heads.itemsize * buckets))
 
-    @property
-    def hash_nbytes(self) -> int:
-        """Bytes of the full-key hash: bucket heads, links and tags."""
-        return sum(a.itemsize * len(a) for a in (self.key_heads, self.key_next)) + \
-            len(self.tags)
-
-    def scan_steps(self, key: bytes) -> int:
-        """Links a lookup of ``key`` follows."""
-        i = self.key_heads[hash(key) & self.key_mask]
-        steps = 0
-        while i:
-            steps += 1
-            o = i * self.keylen
-            if self.keys[o:o + self.keylen] == key:
-                break
-            i = self.key_next[i]
-        return steps
 
 
 class ChainX2Pool(WideChainPool):
@@ -407,17 +390,17 @@ def make_pool(name: str, entries: int, fat_load: float) -> Pool:
 
 
 def hash_nbytes(pool: Pool) -> int:
-    """Bytes of a pool's full-key hash structures."""
-    if isinstance(pool, (WideChainPool, _FatPool)):
+    """Bytes of a pool's full-key hash structures (chains: heads, links and tags)."""
+    if isinstance(pool, _FatPool):
         return pool.hash_nbytes
     return sum(a.itemsize * len(a) for a in (pool.key_heads, pool.key_next)) + len(pool.tags)
 
 
 def scan_steps(pool: Pool, key: bytes) -> int:
-    """Python-level steps of a lookup (for Pool itself: links followed)."""
-    if isinstance(pool, (WideChainPool, _FatPool)):
+    """Python-level steps of a lookup (chains: links followed)."""
+    if isinstance(pool, _FatPool):
         return pool.scan_steps(key)
-    i = pool.key_heads[hash(key) & pool.mask]
+    i = pool.key_heads[hash(key) & pool.key_mask]
     steps = 0
     while i:
         steps += 1

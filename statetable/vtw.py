@@ -280,11 +280,11 @@ class Pool:
     def lookup(self, key: bytes) -> int:
         """The slot of the record with this exact key, or 0 (counted in lookup_connect)."""
         stats = self.stats.connect
-        stats.look += 1
         h = hash(key)
         i = self.key_heads[h & self.key_mask]
         if not i:
-            stats.miss += 1                     # the common case: an empty bucket
+            stats.look += 1                     # the common case: an empty bucket
+            stats.miss += 1
             return 0
         tag = h >> 56 & 0xFF
         tags = self.tags
@@ -297,23 +297,11 @@ class Pool:
             if tags[i] == tag:
                 o = i * kl
                 if buf[o:o + kl] == key:
-                    stats.hit += 1
-                    stats.probe += probes
-                    stats.losing += losses
-                    if probes > stats.max_probe:
-                        stats.max_probe = probes
-                    if losses > stats.max_loss:
-                        stats.max_loss = losses
+                    stats._lookup_done(True, probes, losses)
                     return i
                 losses += 1                     # the tag matched, the key did not
             i = links[i]
-        stats.miss += 1
-        stats.probe += probes
-        stats.losing += losses
-        if probes > stats.max_probe:
-            stats.max_probe = probes
-        if losses > stats.max_loss:
-            stats.max_loss = losses
+        stats._lookup_done(False, probes, losses)
         if probes > stats.max_chain:            # a miss walked the whole chain
             stats.max_chain = probes
         return 0
