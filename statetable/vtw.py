@@ -569,8 +569,9 @@ class Vtw:
         if not pool.fits(expire):
             key = pool.key(slot)
             pool = self._rebuild(pool, expire)
-            slot = pool.lookup(key)
-        pool.restart(slot, expire)
+            slot = pool.lookup(key)             # found: it was not due, so it moved
+        if slot:
+            pool.restart(slot, expire)
 
     def expire(self, now: float) -> int:
         """Free every record due at ``now``; returns how many."""

@@ -687,3 +687,49 @@ def test_vtw_on_and_off_give_identical_verdicts(conv: Conversation, tail: list[L
         assert _live_view(on.table) == _live_view(off.table)
         assert on.table.count + on.table.vtw.live == off.table.count
     assert (on.table.passed, on.table.blocked) == (off.table.passed, off.table.blocked)
+
+
+# ---- long uptimes: a pool's 32-bit tick range -----------------------------------------------
+
+DAY = 86400.0
+
+
+def test_a_pool_is_rebuilt_when_expiries_leave_its_tick_range() -> None:
+    """Expiries are uint32 ticks of 1/1024 s around a pool's base (+-24 days): a record
+    made weeks later rebuilds the pool around the new time, moving the live records and
+    freeing those long due, and everything still matches exactly."""
+    events: list[Event] = []
+    table = vtw_table(mslt=MsltConfig(remote=3600))             # TIME_WAIT 2 h
+    table.listener = events.append
+    closed(table, at=T0, cport=1000)                           # due at T0 + 2 h
+    first = table.vtw.pools[(4, REMOTE)]
+    late = closed(table, at=T0 + 30 * DAY, cport=2000)
+    pool = table.vtw.pools[(4, REMOTE)]
+    assert pool is not first and pool.fits(T0 + 30 * DAY)
+    assert [keys.unpack(r.key)[1] for r in table.vestigial()] == [2000]
+    assert any(isinstance(e, VestigialRemoved) and e.reason is RemoveReason.EXPIRED
+               for e in events)
+    assert table.vtw.live == 1 and table.vtw.stats.ins - table.vtw.stats.dels == 1
+    # The surviving record keeps its exact expiry and its behaviour.
+    assert only_record(table).expire == T0 + 30 * DAY + 7200
+    late.now += 60
+    assert late.c(FIN | ACK, 1001, 5001) == PASS
+    assert only_record(table).expire == T0 + 30 * DAY + 60 + 7200
+
+
+def test_a_restart_past_the_tick_range_rebuilds_and_keeps_the_record() -> None:
+    """A record restarted so late that its new expiry leaves the range (a pool whose
+    base is old) is moved to a rebuilt pool and keeps working."""
+    table = vtw_table(mslt=MsltConfig(remote=3600))
+    conn = closed(table, at=T0, cport=1000)
+    pool = table.vtw.pools[(4, REMOTE)]
+    slot = next(pool.slots())
+    shift = 0xFFFFFFFF - 1000 - pool.expire[slot]               # as if made ~48 days ago
+    pool.base -= shift
+    pool.expire[slot] += shift
+    assert only_record(table).expire == T0 + 7200
+    assert not pool.fits(T0 + 50 + 7200)
+    conn.now = T0 + 50                                         # before it is due
+    assert conn.c(FIN | ACK, 1001, 5001) == PASS
+    assert table.vtw.pools[(4, REMOTE)] is not pool
+    assert table.vtw.live == 1 and only_record(table).expire == T0 + 50 + 7200
