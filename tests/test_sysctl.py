@@ -188,6 +188,15 @@ def test_vtw_toggle_at_run_time_loses_no_connection(node_with_config: str) -> No
     assert inject(addr, [fin, syn]) == [0, 0]
     assert len([s for s in rows() if not s.get("vestigial")]) == 1
 
+    # pfctl -k and -F reach records too.
+    killed = pfctl(addr, "-k", "203.0.113.2")
+    assert killed.returncode == 0 and "killed 1 states" in killed.stderr
+    assert len(rows()) == 19
+    flushed = pfctl(addr, "-F", "states")
+    assert flushed.returncode == 0 and rows() == []
+    stats = pfsysctl(addr, "net.inet.tcp.vtw.stats.class.ipv4.remote.inuse").stdout
+    assert stats == "net.inet.tcp.vtw.stats.class.ipv4.remote.inuse = 0\n"
+
 
 @pytest.mark.slow
 def test_pfsysctl_errors_exit_2_in_one_line(node_with_config: str) -> None:
