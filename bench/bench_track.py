@@ -17,6 +17,7 @@ from typing import Callable
 import workload
 from pfsync.pcap import PcapWriter, read_capture
 from statetable import StateTable, TableConfig, decode_frame
+from statetable.vtw import VtwConfig
 
 
 def best_of(fn: Callable[[], float], repeat: int = 3) -> float:
@@ -96,12 +97,16 @@ def main() -> None:
     t_decode = best_of(timed(lambda: [decode_frame(f, 1) for f in frames]))
     conn_pkts = [decode_frame(f, 1) for i in range(args.conns) for f in workload.lifecycle(i)]
 
-    def lifecycles() -> None:
-        test = StateTable(TableConfig(limit_states=10**7)).test
-        for p in conn_pkts:
-            test(p, 1.0)
+    def lifecycles(vtw: bool) -> Callable[[], None]:
+        def run() -> None:
+            test = StateTable(TableConfig(limit_states=10**7, vtw=VtwConfig(enable=vtw))).test
+            for p in conn_pkts:
+                test(p, 1.0)
+        return run
 
-    t_life = best_of(timed(lifecycles))
+    # Each lifecycle ends in TIME_WAIT: a VTW record (the default) or a full state.
+    t_life = best_of(timed(lifecycles(True)))
+    t_life_full = best_of(timed(lifecycles(False)))
     n = len(frames)
     print(f"established tracking  : {n / t_track:12,.0f} packets/s "
           f"({n:,} packets over {args.flows:,} flows)")
@@ -111,7 +116,9 @@ def main() -> None:
     print(f"floor (unpack+lookup) : {n / t_floor:12,.0f} packets/s; tracking takes "
           f"{t_track / t_floor:.2f}x the floor")
     print(f"connection lifecycles : {args.conns / t_life:12,.0f} /s "
-          f"({len(conn_pkts) / t_life:,.0f} packets/s, 8 packets each)")
+          f"({len(conn_pkts) / t_life:,.0f} packets/s, 8 packets each), ending as VTW records")
+    print(f"  same, vtw off       : {args.conns / t_life_full:12,.0f} /s "
+          f"(ending as full TIME_WAIT states)")
 
 
 if __name__ == "__main__":

@@ -32,8 +32,7 @@ CLASS_NAMES: tuple[str, ...] = ("classless", "remote", "local", "loopback")
 FLAG_SHIFT = 2
 FLAG_MASK = 0x7 << FLAG_SHIFT
 
-_V4_LOOPBACK = (0x7F000000, 0xFF000000)
-_V6_LOOPBACK = (1, (1 << 128) - 1)
+_V6_LOOPBACK_BYTES = bytes(15) + b"\x01"
 _V6_LINK_LOCAL = (0xFE80 << 112, ((1 << 10) - 1) << 118)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -72,16 +71,18 @@ class Mslt:
         src, dst = key[:n], key[n:n + n]
         if src == dst:
             return LOOPBACK
+        if n == 4:
+            if key[0] == 127 or key[4] == 127:          # 127.0.0.0/8, without int maths
+                return LOOPBACK
+            nets = self._v4
+            if not nets:
+                return REMOTE
+        else:
+            if src == _V6_LOOPBACK_BYTES or dst == _V6_LOOPBACK_BYTES:
+                return LOOPBACK
+            nets = self._v6
         a = int.from_bytes(src, "big")
         b = int.from_bytes(dst, "big")
-        if n == 4:
-            net, mask = _V4_LOOPBACK
-            nets = self._v4
-        else:
-            net, mask = _V6_LOOPBACK
-            nets = self._v6
-        if a & mask == net or b & mask == net:
-            return LOOPBACK
         if any(a & m == k for k, m in nets) and any(b & m == k for k, m in nets):
             return LOCAL
         return REMOTE
@@ -96,7 +97,7 @@ class Mslt:
     def msl(self, cls: int) -> int:
         """The MSL of a class in seconds (classless uses the remote MSL)."""
         c = self.config
-        return (c.remote, c.remote, c.local, c.loopback)[cls]
+        return c.loopback if cls == LOOPBACK else c.local if cls == LOCAL else c.remote
 
     def time_wait(self, cls: int) -> float:
         """How long TIME_WAIT lasts for a class: 2 x MSL."""
