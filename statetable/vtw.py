@@ -205,10 +205,9 @@ class Pool:
         self.port_heads = array(index, zeros)
         self.port_next = array(index, zeros)
         self.older = array(index, zeros)
-        # Live slots: the next newer record; free slots: the next free slot.
-        self.newer = array(index, range(1, entries))
-        self.newer.append(0)
-        self.newer[0] = 0
+        # Live slots: the next newer record; free slots: the next free slot (1 -> 2 -> ...).
+        self.newer = array(index, zeros)
+        self.newer[1:entries - 1] = array(index, range(2, entries))
         self.free = 1
         self.oldest = self.newest = 0
         self.live = 0
@@ -246,9 +245,10 @@ class Pool:
         n = (self.keylen - 4) >> 1
         return (hash(key[:n]) + (key[n + n] << 8 | key[n + n + 1])) & self.mask
 
-    # The per-record paths below (link, unlink, lookup, insert, release) are written out
-    # flat, without helper calls: a Python call costs about what the work inside costs,
-    # and these run for every closed connection and every new SYN (bench/bench_vtw.py).
+    # The per-record paths below (link, unlink, lookup, insert, release) run for every
+    # closed connection and every new SYN (bench/bench_vtw.py): they index arrays
+    # directly and call few helpers, since a Python call costs about what a few array
+    # operations do.
 
     def _link(self, slot: int, key: bytes) -> None:
         h = hash(key)
