@@ -12,9 +12,9 @@ import ipaddress
 import os
 import socket
 import struct
-from typing import TypeAlias
 
-IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+from statetable.mslt import Network
+
 
 # <linux/netlink.h>, <linux/rtnetlink.h>, <linux/if_addr.h>
 _NLMSGHDR = struct.Struct("=IHHII")  # nlmsg_len, nlmsg_type, nlmsg_flags, nlmsg_seq, nlmsg_pid
@@ -41,7 +41,7 @@ _DUMP_ATTEMPTS = 3  # an interrupted dump is retried, as addresses settle quickl
 _ADDR_SIZES = {socket.AF_INET: 4, socket.AF_INET6: 16}
 
 
-def local_networks() -> list[IPNetwork]:
+def local_networks() -> list[Network]:
     """Return the networks of all addresses on all interfaces in this network namespace.
 
     Each network is an address with its prefix length, host bits cleared. The result has no
@@ -70,13 +70,13 @@ def local_networks() -> list[IPNetwork]:
     return [*v4, *v6]
 
 
-def parse_networks(texts: list[str]) -> list[IPNetwork]:
+def parse_networks(texts: list[str]) -> list[Network]:
     """Parse CIDR strings given by the user (such as ``--local-net`` values), in order.
 
     Host bits are allowed and cleared ("10.0.0.1/8" is 10.0.0.0/8); an address without a
     prefix is a single-host network. Raises ValueError with a one-line message on bad input.
     """
-    networks: list[IPNetwork] = []
+    networks: list[Network] = []
     for text in texts:
         # Parsing as the one family the text can be gives a precise reason ("'33' is not a
         # valid netmask"); ip_network() would try both and only say it matches neither.

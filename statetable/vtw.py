@@ -517,7 +517,7 @@ class Vtw:
         pool = self.pools.get((af, cls))
         if pool is None:
             pool = self._new_pool(af, cls, expire)
-        elif not 0 <= int(expire * TICKS) - pool.base <= 0xFFFFFFFF:
+        elif not pool.fits(expire):
             pool = self._rebuild(pool, expire)
         before = pool.live
         slot = pool.insert(st, expire, now, self.on_remove)
@@ -591,19 +591,22 @@ class Vtw:
         the returned full States) and drop the pools."""
         states = [pool.to_state(slot) for pool, slot in self.records()]
         self.stats.dels += len(states)
-        self.pools.clear()
+        self._drop_pools()
+        return states
+
+    def _drop_pools(self) -> list[Pool]:
+        """Forget every pool (their records with them); returns them."""
+        old = list(self.pools.values())
+        self.pools = {}
         self._by_af = {4: [], 6: []}
         self.live = 0
-        return states
+        return old
 
     def resize(self, entries: int) -> None:
         """New pools of ``entries`` slots; records move over oldest first (the oldest are
         evicted when the new pools are smaller)."""
-        old = list(self.pools.values())
+        old = self._drop_pools()
         self.entries = entries
-        self.pools = {}
-        self._by_af = {4: [], 6: []}
-        self.live = 0
         moved = 0
         for pool in old:
             for slot in pool.slots():

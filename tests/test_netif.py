@@ -14,7 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from pfsync.netif import IPNetwork, local_networks, parse_networks
+from pfsync.netif import local_networks, parse_networks
+from statetable.mslt import Network
 from tests import traffic
 
 LINK_LOCAL_V6 = ipaddress.ip_network("fe80::/64")
@@ -25,11 +26,11 @@ def ip(*args: str) -> str:
     return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
 
 
-def net(text: str) -> IPNetwork:
+def net(text: str) -> Network:
     return ipaddress.ip_network(text)
 
 
-def assert_ordered(networks: list[IPNetwork]) -> None:
+def assert_ordered(networks: list[Network]) -> None:
     """No duplicates; IPv4 first, then IPv6, each sorted."""
     v4 = [n for n in networks if n.version == 4]
     v6 = [n for n in networks if n.version == 6]
@@ -49,7 +50,7 @@ def veth_ns() -> Iterator[str]:
         yield ns
 
 
-def networks_in(ns: str) -> list[IPNetwork]:
+def networks_in(ns: str) -> list[Network]:
     with traffic.entered_netns(ns):
         return local_networks()
 
@@ -124,7 +125,7 @@ def test_many_addresses_span_several_netlink_messages(veth_ns: str) -> None:
 # --- local_networks() on this host --------------------------------------------------------------
 
 
-def ip_addr_oracle() -> tuple[set[ipaddress.IPv4Address | ipaddress.IPv6Address], set[IPNetwork]]:
+def ip_addr_oracle() -> tuple[set[ipaddress.IPv4Address | ipaddress.IPv6Address], set[Network]]:
     """Every local address `ip -j addr` shows, and the non-loopback networks they make."""
     addresses, networks = set(), set()
     for link in json.loads(ip("-j", "addr", "show")):
