@@ -12,6 +12,7 @@ import resource
 import tracemalloc
 
 import workload
+
 from statetable import StateTable, TableConfig, decode_frame
 
 
@@ -24,8 +25,11 @@ def rss_bytes() -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--states", type=int, default=1_000_000)
-    ap.add_argument("--tracemalloc", action="store_true",
-                    help="also count Python allocations (exact, but ~10x slower)")
+    ap.add_argument(
+        "--tracemalloc",
+        action="store_true",
+        help="also count Python allocations (exact, but ~10x slower)",
+    )
     args = ap.parse_args()
     n = args.states
     # Decode in chunks so the input frames are not counted as table memory.

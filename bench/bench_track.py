@@ -11,10 +11,11 @@ import argparse
 import struct
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import workload
+
 from pfsync.pcap import PcapWriter, read_capture
 from statetable import StateTable, TableConfig, decode_frame
 from statetable.vtw import VtwConfig
@@ -27,10 +28,12 @@ def best_of(fn: Callable[[], float], repeat: int = 3) -> float:
 
 def timed(fn: Callable[[], object]) -> Callable[[], float]:
     """A timing function for ``fn`` as a whole."""
+
     def run() -> float:
         t0 = time.perf_counter()
         fn()
         return time.perf_counter() - t0
+
     return run
 
 
@@ -102,23 +105,32 @@ def main() -> None:
             test = StateTable(TableConfig(limit_states=10**7, vtw=VtwConfig(enable=vtw))).test
             for p in conn_pkts:
                 test(p, 1.0)
+
         return run
 
     # Each lifecycle ends in TIME_WAIT: a VTW record (the default) or a full state.
     t_life = best_of(timed(lifecycles(True)))
     t_life_full = best_of(timed(lifecycles(False)))
     n = len(frames)
-    print(f"established tracking  : {n / t_track:12,.0f} packets/s "
-          f"({n:,} packets over {args.flows:,} flows)")
+    print(
+        f"established tracking  : {n / t_track:12,.0f} packets/s "
+        f"({n:,} packets over {args.flows:,} flows)"
+    )
     print(f"pcap read+decode+track: {n / t_pcap:12,.0f} packets/s")
     print(f"pcap read only        : {n / t_read:12,.0f} records/s")
     print(f"decode only           : {n / t_decode:12,.0f} packets/s")
-    print(f"floor (unpack+lookup) : {n / t_floor:12,.0f} packets/s; tracking takes "
-          f"{t_track / t_floor:.2f}x the floor")
-    print(f"connection lifecycles : {args.conns / t_life:12,.0f} /s "
-          f"({len(conn_pkts) / t_life:,.0f} packets/s, 8 packets each), ending as VTW records")
-    print(f"  same, vtw off       : {args.conns / t_life_full:12,.0f} /s "
-          f"(ending as full TIME_WAIT states)")
+    print(
+        f"floor (unpack+lookup) : {n / t_floor:12,.0f} packets/s; tracking takes "
+        f"{t_track / t_floor:.2f}x the floor"
+    )
+    print(
+        f"connection lifecycles : {args.conns / t_life:12,.0f} /s "
+        f"({len(conn_pkts) / t_life:,.0f} packets/s, 8 packets each), ending as VTW records"
+    )
+    print(
+        f"  same, vtw off       : {args.conns / t_life_full:12,.0f} /s "
+        f"(ending as full TIME_WAIT states)"
+    )
 
 
 if __name__ == "__main__":

@@ -37,10 +37,11 @@ import subprocess
 import sys
 import time
 import tracemalloc
-from typing import Callable
+from collections.abc import Callable
 
 import workload
 from bench_memory import rss_bytes
+
 from statetable import StateTable, TableConfig, decode_frame
 from statetable.counters import PFRES_BADSTATE
 from statetable.mslt import MsltConfig
@@ -49,10 +50,10 @@ from statetable.vtw import VtwConfig
 
 MODES = ("full", "vtw")
 _KEY = struct.Struct("!IIHH")
-_SERVER = 0x7F000001                  # 127.0.0.1:80
-_CLIENTS = 0x7F000002                 # client addresses from 127.0.0.2 up, 60,000 ports each
+_SERVER = 0x7F000001  # 127.0.0.1:80
+_CLIENTS = 0x7F000002  # client addresses from 127.0.0.2 up, 60,000 ports each
 _PORTS = 60000
-START = 1000.0                        # simulated clock at the first lifecycle
+START = 1000.0  # simulated clock at the first lifecycle
 
 
 def lifecycle_template() -> list[tuple[bool, tuple]]:
@@ -66,14 +67,19 @@ class Churn:
     """Lifecycles ``i = first, first + 1, ...`` through a table, the clock at
     START + i * step, ``purge(now)`` whenever the clock passes a whole second."""
 
-    def __init__(self, table: StateTable, step: float, purge: bool = True,
-                 test: Callable[[tuple, float], int] | None = None) -> None:
+    def __init__(
+        self,
+        table: StateTable,
+        step: float,
+        purge: bool = True,
+        test: Callable[[tuple, float], int] | None = None,
+    ) -> None:
         self.table = table
         self.step = step
         self.steps = lifecycle_template()
         self.test = test or table.test
         self.next_purge = float(int(START) + 1) if purge else float("inf")
-        self.held: list[tuple[int, int]] = []   # entries held before and after each purge
+        self.held: list[tuple[int, int]] = []  # entries held before and after each purge
 
     def _purge(self, now: float) -> None:
         table = self.table
@@ -124,9 +130,13 @@ class Churn:
 
 def new_table(mode: str, entries: int, msl: int) -> StateTable:
     """A table for ``mode`` ("full" or "vtw") with pools of ``entries`` slots."""
-    return StateTable(TableConfig(limit_states=10**7,
-                                  vtw=VtwConfig(enable=mode == "vtw", entries=entries),
-                                  mslt=MsltConfig(loopback=msl)))
+    return StateTable(
+        TableConfig(
+            limit_states=10**7,
+            vtw=VtwConfig(enable=mode == "vtw", entries=entries),
+            mslt=MsltConfig(loopback=msl),
+        )
+    )
 
 
 def entries_held(table: StateTable) -> int:
@@ -135,6 +145,7 @@ def entries_held(table: StateTable) -> int:
 
 
 # ---- worker: one mode, one phase, in its own process ----------------------------------
+
 
 def memory_phase(mode: str, entries: int, msl: int) -> dict:
     """Fill to a full pool's worth of TIME_WAIT entries (no purge), measured from before
@@ -232,8 +243,7 @@ def steady_phase(mode: str, args: argparse.Namespace) -> dict:
     hashes = {}
     for name, h, before in (("connect", vs.connect, counts0[3]), ("port", vs.port, counts0[4])):
         # Counts over the timed run; max_* are maxima since the table was made.
-        hashes[name] = {k: v - before[k] if not k.startswith("max") else v
-                        for k, v in h.items()}
+        hashes[name] = {k: v - before[k] if not k.startswith("max") else v for k, v in h.items()}
     out = {
         "entries": entries,
         "warmup": warmup,
@@ -247,8 +257,12 @@ def steady_phase(mode: str, args: argparse.Namespace) -> dict:
         "held_before_purge": [min(b for b, _ in held), max(b for b, _ in held)],
         "held_after_purge": [min(a for _, a in held), max(a for _, a in held)],
         "held_mean": sum(b + a for b, a in held) / (2 * len(held)),
-        "vtw": {"ins": vs.ins - counts0[0], "dels": vs.dels - counts0[1],
-                "kill": vs.kill - counts0[2], **hashes},
+        "vtw": {
+            "ins": vs.ins - counts0[0],
+            "dels": vs.dels - counts0[1],
+            "kill": vs.kill - counts0[2],
+            **hashes,
+        },
         "usage": table.vtw.usage(),
     }
     # Where the time goes, without a profiler: each packet of a lifecycle, and purge, over
@@ -272,12 +286,27 @@ def steady_phase(mode: str, args: argparse.Namespace) -> dict:
 
 # ---- driver --------------------------------------------------------------------------
 
+
 def spawn(phase: str, mode: str, args: argparse.Namespace) -> dict:
     """Run one phase of one mode in a new process; its JSON result."""
-    cmd = [sys.executable, __file__, "--worker", phase, "--mode", mode,
-           "--seconds", str(args.seconds), "--live", str(args.live),
-           "--entries", str(args.entries), "--msl", str(args.msl),
-           "--repeat", "1"] + (["--profile"] if args.profile else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        phase,
+        "--mode",
+        mode,
+        "--seconds",
+        str(args.seconds),
+        "--live",
+        str(args.live),
+        "--entries",
+        str(args.entries),
+        "--msl",
+        str(args.msl),
+        "--repeat",
+        "1",
+    ] + (["--profile"] if args.profile else [])
     done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
     return json.loads(done.stdout)
 
@@ -285,22 +314,30 @@ def spawn(phase: str, mode: str, args: argparse.Namespace) -> dict:
 def report(mem: dict, steady: dict, args: argparse.Namespace) -> None:
     modes = [m for m in MODES if m in steady]
     n = mem[modes[0]]["entries"]
-    print(f"TIME_WAIT 2 x MSL = {2 * args.msl} s (loopback class), {args.live:,} closes per "
-          f"TIME_WAIT period, purge once per simulated second")
+    print(
+        f"TIME_WAIT 2 x MSL = {2 * args.msl} s (loopback class), {args.live:,} closes per "
+        f"TIME_WAIT period, purge once per simulated second"
+    )
     print()
-    print(f"memory, filled to {n:,} TIME_WAIT entries (pool of {args.entries:,} slots), "
-          f"bytes per entry:")
+    print(
+        f"memory, filled to {n:,} TIME_WAIT entries (pool of {args.entries:,} slots), "
+        f"bytes per entry:"
+    )
     print(f"  {'':32}" + "".join(f"{m:>18}" for m in modes))
     print(f"  {'tracemalloc':32}" + "".join(f"{mem[m]['traced']:18,.1f}" for m in modes))
     print(f"  {'RSS growth':32}" + "".join(f"{mem[m]['rss']:18,.1f}" for m in modes))
     if "vtw" in mem:
-        print(f"  (vtw pool arrays by Pool.nbytes: {mem['vtw']['pool_bytes']:,} bytes = "
-              f"{mem['vtw']['pool_bytes'] / n:.2f} per record)")
+        print(
+            f"  (vtw pool arrays by Pool.nbytes: {mem['vtw']['pool_bytes']:,} bytes = "
+            f"{mem['vtw']['pool_bytes'] / n:.2f} per record)"
+        )
     print()
     s0 = steady[modes[0]]
     runs = f", best of {args.repeat}" if args.repeat > 1 else ""
-    print(f"steady state, {args.seconds:g} s of wall time per mode{runs} (after "
-          f"{s0['warmup']:g} simulated s of warm-up; vtw pool of {s0['entries']:,} slots):")
+    print(
+        f"steady state, {args.seconds:g} s of wall time per mode{runs} (after "
+        f"{s0['warmup']:g} simulated s of warm-up; vtw pool of {s0['entries']:,} slots):"
+    )
     rows = [
         ("lifecycles", lambda s: f"{s['lifecycles']:,}"),
         ("lifecycles/s", lambda s: f"{s['rate']:,.0f}"),
@@ -318,15 +355,24 @@ def report(mem: dict, steady: dict, args: argparse.Namespace) -> None:
     print(f"  {'':32}" + "".join(f"{m:>18}" for m in modes))
     for name, fmt in rows:
         print(f"  {name:32}" + "".join(f"{fmt(steady[m]):>18}" for m in modes))
-    print(f"  us per lifecycle by call, {s0['second']:,} lifecycles (one simulated second) "
-          f"timed call by call:")
-    labels = ["SYN", "SYN|ACK", "ACK", "request", "response", "FIN|ACK", "FIN|ACK",
-              "last ACK", "purge (per lifecycle)"]
+    print(
+        f"  us per lifecycle by call, {s0['second']:,} lifecycles (one simulated second) "
+        f"timed call by call:"
+    )
+    labels = [
+        "SYN",
+        "SYN|ACK",
+        "ACK",
+        "request",
+        "response",
+        "FIN|ACK",
+        "FIN|ACK",
+        "last ACK",
+        "purge (per lifecycle)",
+    ]
     for j, label in enumerate(labels):
-        print(f"    {label:30}" + "".join(f"{steady[m]['breakdown_us'][j]:18.2f}"
-                                          for m in modes))
-    print(f"    {'total':30}" + "".join(f"{sum(steady[m]['breakdown_us']):18.2f}"
-                                        for m in modes))
+        print(f"    {label:30}" + "".join(f"{steady[m]['breakdown_us'][j]:18.2f}" for m in modes))
+    print(f"    {'total':30}" + "".join(f"{sum(steady[m]['breakdown_us']):18.2f}" for m in modes))
     if "vtw" in steady:
         v = steady["vtw"]["vtw"]
         print()
@@ -334,24 +380,33 @@ def report(mem: dict, steady: dict, args: argparse.Namespace) -> None:
         for name in ("connect", "port"):
             h = v[name]
             per = h["probe"] / h["look"] if h["look"] else 0.0
-            print(f"  {name:7} hash: look {h['look']:,} (hit {h['hit']:,}, miss {h['miss']:,}),"
-                  f" probes/lookup {per:.3f}, losing {h['losing']:,}; max_chain "
-                  f"{h['max_chain']}, max_probe {h['max_probe']}, max_loss {h['max_loss']}")
+            print(
+                f"  {name:7} hash: look {h['look']:,} (hit {h['hit']:,}, miss {h['miss']:,}),"
+                f" probes/lookup {per:.3f}, losing {h['losing']:,}; max_chain "
+                f"{h['max_chain']}, max_probe {h['max_probe']}, max_loss {h['max_loss']}"
+            )
         for name, used, free, cap, nbytes in steady["vtw"]["usage"]:
             print(f"  pool {name}: {used:,} in use, {free:,} free of {cap:,}, {nbytes:,} bytes")
     if args.profile:
         for m in modes:
-            print(f"\ncProfile, {s0['second']:,} steady-state lifecycles (one simulated "
-                  f"second), {m}:")
-            print("\n".join(line for line in steady[m]["profile"].strip().splitlines()
-                            if line.strip() and "Ordered by" not in line
-                            and "List reduced" not in line))
+            print(
+                f"\ncProfile, {s0['second']:,} steady-state lifecycles (one simulated second), {m}:"
+            )
+            print(
+                "\n".join(
+                    line
+                    for line in steady[m]["profile"].strip().splitlines()
+                    if line.strip() and "Ordered by" not in line and "List reduced" not in line
+                )
+            )
     print()
     if "full" in mem and "vtw" in mem:
         f, v = mem["full"]["traced"], mem["vtw"]["traced"]
         fr, vr = mem["full"]["rss"], mem["vtw"]["rss"]
-        print(f"memory per TIME_WAIT entry: full {f:,.0f} B, vtw {v:,.1f} B ({v / f:.3f} = "
-              f"1/{f / v:.1f}); RSS: full {fr:,.0f} B, vtw {vr:,.1f} B (1/{fr / vr:.1f})")
+        print(
+            f"memory per TIME_WAIT entry: full {f:,.0f} B, vtw {v:,.1f} B ({v / f:.3f} = "
+            f"1/{f / v:.1f}); RSS: full {fr:,.0f} B, vtw {vr:,.1f} B (1/{fr / vr:.1f})"
+        )
     if "full" in steady and "vtw" in steady:
         f, v = steady["full"]["rate"], steady["vtw"]["rate"]
         print(f"lifecycles/s: full {f:,.0f}, vtw {v:,.0f} ({v / f:.2f}x)")
@@ -359,26 +414,48 @@ def report(mem: dict, steady: dict, args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=15.0,
-                    help="wall time of the steady-state run per mode (default 15)")
-    ap.add_argument("--live", type=int, default=65000,
-                    help="connections in TIME_WAIT at any moment, i.e. closed within the "
-                         "last 2 x MSL (default 65000)")
+    ap.add_argument(
+        "--seconds",
+        type=float,
+        default=15.0,
+        help="wall time of the steady-state run per mode (default 15)",
+    )
+    ap.add_argument(
+        "--live",
+        type=int,
+        default=65000,
+        help="connections in TIME_WAIT at any moment, i.e. closed within the "
+        "last 2 x MSL (default 65000)",
+    )
     ap.add_argument("--mode", choices=("both", *MODES), default="both")
-    ap.add_argument("--entries", type=int, default=65536,
-                    help="VTW pool slots for the memory fill, filled to entries - 1 "
-                         "(default 65536)")
-    ap.add_argument("--msl", type=int, default=1,
-                    help="loopback MSL in seconds (default 1: TIME_WAIT 2 s)")
-    ap.add_argument("--repeat", type=int, default=1,
-                    help="steady-state runs per mode, alternating modes; the best is kept")
-    ap.add_argument("--profile", action="store_true",
-                    help="also cProfile one simulated second of lifecycles per mode")
+    ap.add_argument(
+        "--entries",
+        type=int,
+        default=65536,
+        help="VTW pool slots for the memory fill, filled to entries - 1 (default 65536)",
+    )
+    ap.add_argument(
+        "--msl", type=int, default=1, help="loopback MSL in seconds (default 1: TIME_WAIT 2 s)"
+    )
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="steady-state runs per mode, alternating modes; the best is kept",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="also cProfile one simulated second of lifecycles per mode",
+    )
     ap.add_argument("--worker", choices=("memory", "steady"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        phase = memory_phase(args.mode, args.entries, args.msl) if args.worker == "memory" \
+        phase = (
+            memory_phase(args.mode, args.entries, args.msl)
+            if args.worker == "memory"
             else steady_phase(args.mode, args)
+        )
         json.dump(phase, sys.stdout)
         return
     modes = MODES if args.mode == "both" else (args.mode,)

@@ -54,8 +54,8 @@ and run with the collector off. Designs are measured interleaved, in a rotating 
 from __future__ import annotations
 
 import argparse
-import math
 import gc
+import math
 import random
 import statistics
 import struct
@@ -67,12 +67,12 @@ from statetable.state import State
 from statetable.vtw import HashStats, Pool, VtwStats
 
 AF = 4
-CLS = 1                       # any MSLT class: the class does not change a pool's code
-BASE = 0                      # the pools' tick base: expiries are stored relative to it
-EXPIRE = 1000.0               # every record's expiry (nothing expires during the bench)
+CLS = 1  # any MSLT class: the class does not change a pool's code
+BASE = 0  # the pools' tick base: expiries are stored relative to it
+EXPIRE = 1000.0  # every record's expiry (nothing expires during the bench)
 M32 = 0xFFFFFFFF
-NTAGS = 15                    # tags per fat pointer: (1 + 15) x 4 bytes = a 64-byte line
-FULL = (1 << NTAGS) - 1       # the inuse bits of a full row
+NTAGS = 15  # tags per fat pointer: (1 + 15) x 4 bytes = a 64-byte line
+FULL = (1 << NTAGS) - 1  # the inuse bits of a full row
 ROW_WORDS = NTAGS + 1
 ROW_BYTES = 4 * ROW_WORDS
 # fatp16 rows in bytes: [0:4] the inuse|nxt word, [4:34] 15 fingerprints, [34:64] 15
@@ -91,6 +91,7 @@ def _no_remove(pool: Pool, slot: int, reason: RemoveReason) -> None:
 # ---- Pool's port hash, for subclasses that take over ``_link``/``_unlink`` -------------
 # The prototypes change only the full-key hash; the port hash runs Pool's own code.
 
+
 def link_port(pool: Pool, slot: int, key: bytes) -> None:
     """Chain ``slot`` into the port hash, as Pool._link does."""
     bucket = pool._port_bucket(key)
@@ -105,6 +106,7 @@ def unlink_port(pool: Pool, slot: int, key: bytes) -> None:
 
 # ---- chained variants ---------------------------------------------------------------
 
+
 class WideChainPool(Pool):
     """Pool's chained full-key hash with ``factor`` bucket heads per slot."""
 
@@ -113,10 +115,8 @@ class WideChainPool(Pool):
     def __init__(self, entries: int, stats: VtwStats) -> None:
         super().__init__(AF, CLS, entries, stats, BASE)
         buckets = entries * self.factor
-        self.key_mask = buckets - 1             # Pool's _link, _unlink and lookup use it
-        self.key_heads = array(self.key_heads.typecode,
-                               bytes(self.key_heads.itemsize * buckets))
-
+        self.key_mask = buckets - 1  # Pool's _link, _unlink and lookup use it
+        self.key_heads = array(self.key_heads.typecode, bytes(self.key_heads.itemsize * buckets))
 
 
 class ChainX2Pool(WideChainPool):
@@ -127,6 +127,7 @@ class ChainX2Pool(WideChainPool):
 
 # ---- fat pointers ---------------------------------------------------------------------
 
+
 class _FatPool(Pool):
     """A Pool whose full-key hash is a fat-pointer hash: rows, anchors, tape worm.
     Subclasses store and search the tags."""
@@ -136,7 +137,7 @@ class _FatPool(Pool):
         if entries > 0x10000:
             raise ValueError("the fat-pointer prototypes take narrow (16-bit) indices only")
         capacity = entries - 1
-        self.key_heads = array("H")          # Pool's chained full-key hash is not used
+        self.key_heads = array("H")  # Pool's chained full-key hash is not used
         self.key_next = array("H")
         self.nanchors = max(1, round(capacity / per_anchor))
         # NetBSD's sizing: 2 x anchors + 10 % more than the records' tags need; row 0 is
@@ -146,13 +147,13 @@ class _FatPool(Pool):
         if self.nrows >= 1 << 17:
             raise ValueError("too many fat pointers for a 17-bit nxt field")
         self.rows = bytearray(ROW_BYTES * self.nrows)
-        self.words = memoryview(self.rows).cast("I")       # 16 words a row
-        self.halves = memoryview(self.rows).cast("H")      # 32 halves a row
+        self.words = memoryview(self.rows).cast("I")  # 16 words a row
+        self.halves = memoryview(self.rows).cast("H")  # 32 halves a row
         anchor_type = "H" if self.nrows <= 0x10000 else "I"
         self.anchors = array(anchor_type, bytes(array(anchor_type).itemsize * self.nanchors))
         # Per slot: row << 4 | tag slot of its record (NetBSD's vtw->key), 0 when free.
         self.fkey = array("I", bytes(4 * entries))
-        self.free_row = 0                                   # threaded through nxt
+        self.free_row = 0  # threaded through nxt
         for r in range(self.nrows - 1, 0, -1):
             self.words[r * ROW_WORDS] = self.free_row << NTAGS
             self.free_row = r
@@ -171,8 +172,11 @@ class _FatPool(Pool):
     @property
     def hash_nbytes(self) -> int:
         """Bytes of the full-key hash: rows, anchors and per-record fat keys."""
-        return (len(self.rows) + self.anchors.itemsize * len(self.anchors)
-                + self.fkey.itemsize * len(self.fkey))
+        return (
+            len(self.rows)
+            + self.anchors.itemsize * len(self.anchors)
+            + self.fkey.itemsize * len(self.fkey)
+        )
 
     def _alloc_row(self) -> int:
         r = self.free_row
@@ -204,11 +208,11 @@ class _FatPool(Pool):
             self.anchors[a] = r = new
         base = r * ROW_WORDS
         word = words[base]
-        i = (~word & FULL).bit_length() - 1                 # highest free slot, as NetBSD
+        i = (~word & FULL).bit_length() - 1  # highest free slot, as NetBSD
         words[base] = word | 1 << i
         self._set_tag(r, i, h >> 32 & M32, slot)
         self.fkey[slot] = r << 4 | i
-        chain = 0                                           # records, as Pool counts
+        chain = 0  # records, as Pool counts
         while r:
             word = words[r * ROW_WORDS]
             chain += (word & FULL).bit_count()
@@ -270,14 +274,14 @@ class FatPool(_FatPool):
             # Only the span from the lowest to the highest used slot (NetBSD skips
             # unused slots bit by bit; slice bounds do most of it in C). An empty row
             # gives an empty span.
-            for t in words[base + (inuse & -inuse).bit_length():base + 1 + inuse.bit_length()]:
+            for t in words[base + (inuse & -inuse).bit_length() : base + 1 + inuse.bit_length()]:
                 d = t ^ h32
-                if d >> 16 == d & 0xFFFF:                   # both index copies agree
+                if d >> 16 == d & 0xFFFF:  # both index copies agree
                     probes += 1
                     o = (d & 0xFFFF) * kl
                     # A cleared (zero) tag inside the span may decode by chance to a
                     # free slot whose old key bytes remain; a free slot's fat key is 0.
-                    if buf[o:o + kl] == key and fkey[d & 0xFFFF]:
+                    if buf[o : o + kl] == key and fkey[d & 0xFFFF]:
                         self.stats.connect._lookup_done(True, probes, probes - 1)
                         return d & 0xFFFF
             r = word >> NTAGS
@@ -295,7 +299,9 @@ class FatPool(_FatPool):
             base = r * ROW_WORDS
             word = self.words[base]
             inuse = word & FULL
-            for t in self.words[base + (inuse & -inuse).bit_length():base + 1 + inuse.bit_length()]:
+            for t in self.words[
+                base + (inuse & -inuse).bit_length() : base + 1 + inuse.bit_length()
+            ]:
                 steps += 1
                 d = t ^ h32
                 if target and d >> 16 == d & 0xFFFF and d & 0xFFFF == target:
@@ -311,8 +317,8 @@ class Fat16Pool(_FatPool):
     def _set_tag(self, r: int, i: int, h32: int, slot: int) -> None:
         lo = h32 & 0xFFFF
         half = r * 2 * ROW_WORDS + 2 + i
-        self.halves[half] = (h32 >> 16) ^ lo                # t_hi ^ t_lo
-        self.halves[half + NTAGS] = slot ^ lo               # t_lo
+        self.halves[half] = (h32 >> 16) ^ lo  # t_hi ^ t_lo
+        self.halves[half + NTAGS] = slot ^ lo  # t_lo
 
     def _clear_tag(self, r: int, i: int) -> None:
         half = r * 2 * ROW_WORDS + 2 + i
@@ -340,7 +346,7 @@ class Fat16Pool(_FatPool):
                     probes += 1
                     slot = self.halves[(j >> 1) + NTAGS] ^ lo
                     o = slot * self.keylen
-                    if self.keys[o:o + self.keylen] == key:
+                    if self.keys[o : o + self.keylen] == key:
                         self.stats.connect._lookup_done(True, probes, probes - 1)
                         return slot
                 j = rows.find(pattern, j + 1, end)
@@ -405,7 +411,7 @@ def scan_steps(pool: Pool, key: bytes) -> int:
     while i:
         steps += 1
         o = i * pool.keylen
-        if pool.keys[o:o + pool.keylen] == key:
+        if pool.keys[o : o + pool.keylen] == key:
             break
         i = pool.key_next[i]
     return steps
@@ -417,7 +423,7 @@ class Design:
     def __init__(self, name: str, pool: Pool) -> None:
         self.name = name
         self.pool = pool
-        self.cursor = 0                      # index of the next state to insert
+        self.cursor = 0  # index of the next state to insert
         self.samples: dict[str, list[float]] = {}
         self.max_probe = 0
 
@@ -499,7 +505,7 @@ def check(d: Design, misses: list[bytes], sample: int = 2000) -> None:
     pool = d.pool
     slots = list(pool.slots())
     assert pool.live == len(slots), d.name
-    for slot in slots[:sample // 2] + slots[-sample // 2:]:
+    for slot in slots[: sample // 2] + slots[-sample // 2 :]:
         got = pool.lookup(pool.key(slot))
         assert got == slot, (d.name, slot, got)
     for k in misses[:sample]:
@@ -511,10 +517,12 @@ def verdict(designs: list[Design]) -> str:
     by_name = {d.name: d for d in designs}
 
     def vs(a: Design, b: Design) -> str:
-        return (f"misses {a.median('miss_ns') / b.median('miss_ns'):.2f}x, "
-                f"hits {a.median('hit_ns') / b.median('hit_ns'):.2f}x, "
-                f"ins+del {a.median('churn_ns') / b.median('churn_ns'):.2f}x, "
-                f"bytes {hash_nbytes(a.pool) / hash_nbytes(b.pool):.2f}x")
+        return (
+            f"misses {a.median('miss_ns') / b.median('miss_ns'):.2f}x, "
+            f"hits {a.median('hit_ns') / b.median('hit_ns'):.2f}x, "
+            f"ins+del {a.median('churn_ns') / b.median('churn_ns'):.2f}x, "
+            f"bytes {hash_nbytes(a.pool) / hash_nbytes(b.pool):.2f}x"
+        )
 
     parts = []
     chain = by_name.get("chain")
@@ -522,8 +530,7 @@ def verdict(designs: list[Design]) -> str:
     if chain and fats:
         fat = min(fats, key=lambda d: d.median("miss_ns"))
         better = "fat pointer" if fat.median("miss_ns") < chain.median("miss_ns") else "chain"
-        parts.append(f"keep the {better}: best fat pointer ({fat.name}) vs chain: "
-                     f"{vs(fat, chain)}")
+        parts.append(f"keep the {better}: best fat pointer ({fat.name}) vs chain: {vs(fat, chain)}")
     best = min(designs, key=lambda d: d.median("miss_ns"))
     if chain and best is not chain:
         parts.append(f"fastest misses: {best.name} vs chain: {vs(best, chain)}")
@@ -533,21 +540,45 @@ def verdict(designs: list[Design]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--entries", type=int, default=65536,
-                    help="slots per pool, a power of two in 4..65536 (default 65536)")
-    ap.add_argument("--load", type=float, default=1.0,
-                    help="fraction of the capacity (entries - 1) filled (default 1.0)")
-    ap.add_argument("--seconds", type=float, default=0.4,
-                    help="lookup or churn time per measurement (default 0.4)")
-    ap.add_argument("--rounds", type=int, default=5,
-                    help="interleaved repetitions; the table shows medians (default 5)")
-    ap.add_argument("--fat-load", type=float, default=8.0,
-                    help="records per fat-pointer anchor (default 8; NetBSD's 512 "
-                         "anchors for 65536 entries is 128)")
-    ap.add_argument("--designs", default=",".join(DESIGNS),
-                    help=f"comma-separated subset of {', '.join(DESIGNS)} (default all)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--entries",
+        type=int,
+        default=65536,
+        help="slots per pool, a power of two in 4..65536 (default 65536)",
+    )
+    ap.add_argument(
+        "--load",
+        type=float,
+        default=1.0,
+        help="fraction of the capacity (entries - 1) filled (default 1.0)",
+    )
+    ap.add_argument(
+        "--seconds",
+        type=float,
+        default=0.4,
+        help="lookup or churn time per measurement (default 0.4)",
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="interleaved repetitions; the table shows medians (default 5)",
+    )
+    ap.add_argument(
+        "--fat-load",
+        type=float,
+        default=8.0,
+        help="records per fat-pointer anchor (default 8; NetBSD's 512 "
+        "anchors for 65536 entries is 128)",
+    )
+    ap.add_argument(
+        "--designs",
+        default=",".join(DESIGNS),
+        help=f"comma-separated subset of {', '.join(DESIGNS)} (default all)",
+    )
     ap.add_argument("--seed", type=int, default=1, help="key generator seed (default 1)")
     args = ap.parse_args()
     if args.entries & (args.entries - 1) or not 4 <= args.entries <= 0x10000:
@@ -563,8 +594,8 @@ def main() -> None:
     live = max(1, round(args.load * capacity))
     # 2 x capacity states to insert, cycled by the churn; misses are never inserted.
     keys = random_keys(rng, 3 * capacity)
-    states = [State(k, 6, n + 1, 0x1234, 0.0) for n, k in enumerate(keys[:2 * capacity])]
-    misses = keys[2 * capacity:]
+    states = [State(k, 6, n + 1, 0x1234, 0.0) for n, k in enumerate(keys[: 2 * capacity])]
+    misses = keys[2 * capacity :]
 
     designs = [Design(name, make_pool(name, args.entries, args.fat_load)) for name in names]
     for d in designs:
@@ -574,15 +605,16 @@ def main() -> None:
         d.cursor = live
         check(d, misses)
     gc.collect()
-    gc.freeze()              # states and keys live to the end: keep them out of GC passes
+    gc.freeze()  # states and keys live to the end: keep them out of GC passes
 
     fat = next((d.pool for d in designs if isinstance(d.pool, _FatPool)), None)
-    layout = (f", fat pointers: {fat.nanchors} anchors, {fat.nrows - 1} rows"
-              if fat else "")
-    print(f"IPv4 keys, {args.entries} slots, {live} records (load {args.load:g}){layout}; "
-          f"{args.rounds} rounds x {args.seconds:g} s per measurement")
+    layout = f", fat pointers: {fat.nanchors} anchors, {fat.nrows - 1} rows" if fat else ""
+    print(
+        f"IPv4 keys, {args.entries} slots, {live} records (load {args.load:g}){layout}; "
+        f"{args.rounds} rounds x {args.seconds:g} s per measurement"
+    )
     for rnd in range(args.rounds):
-        for d in designs[rnd % len(designs):] + designs[:rnd % len(designs)]:
+        for d in designs[rnd % len(designs) :] + designs[: rnd % len(designs)]:
             hits = [d.pool.key(s) for s in d.pool.slots()]
             rng.shuffle(hits)
             ns, st = time_lookups(d, hits, args.seconds)
@@ -604,30 +636,43 @@ def main() -> None:
         d.record("steps_hit", statistics.fmean(scan_steps(d.pool, k) for k in hits))
         d.record("steps_miss", statistics.fmean(scan_steps(d.pool, k) for k in misses[:20000]))
 
-    header = (f"{'design':9} {'hit ns':>6} {'miss ns':>7} {'cmp/hit':>7} {'cmp/miss':>8} "
-              f"{'lose/lk':>7} {'steps h/m':>10} {'max chain':>9} {'max probe':>9} "
-              f"{'ins+del ns':>10} {'hash B/rec':>10}")
+    header = (
+        f"{'design':9} {'hit ns':>6} {'miss ns':>7} {'cmp/hit':>7} {'cmp/miss':>8} "
+        f"{'lose/lk':>7} {'steps h/m':>10} {'max chain':>9} {'max probe':>9} "
+        f"{'ins+del ns':>10} {'hash B/rec':>10}"
+    )
     print(header)
     print("-" * len(header))
     for d in designs:
         lose = (d.median("loss_hit") + d.median("loss_miss")) / 2
         steps = f"{d.median('steps_hit'):.2f}/{d.median('steps_miss'):.2f}"
-        print(f"{d.name:9} {d.median('hit_ns'):6.0f} {d.median('miss_ns'):7.0f} "
-              f"{d.median('probe_hit'):7.3f} {d.median('probe_miss'):8.4f} {lose:7.4f} "
-              f"{steps:>10} {d.pool.stats.connect.max_chain:9d} {d.max_probe:9d} "
-              f"{d.median('churn_ns'):10.0f} {hash_nbytes(d.pool) / capacity:10.2f}")
+        print(
+            f"{d.name:9} {d.median('hit_ns'):6.0f} {d.median('miss_ns'):7.0f} "
+            f"{d.median('probe_hit'):7.3f} {d.median('probe_miss'):8.4f} {lose:7.4f} "
+            f"{steps:>10} {d.pool.stats.connect.max_chain:9d} {d.max_probe:9d} "
+            f"{d.median('churn_ns'):10.0f} {hash_nbytes(d.pool) / capacity:10.2f}"
+        )
     for d in designs:
         if isinstance(d.pool, _FatPool):
             # What the rows would cost if sized to the peak seen (a lower bound).
             tight = hash_nbytes(d.pool) - ROW_BYTES * (d.pool.nrows - 1 - d.pool.rows_peak)
-            print(f"{d.name}: rows in use {d.pool.rows_used}, peak {d.pool.rows_peak} of "
-                  f"{d.pool.nrows - 1} allocated ({ROW_BYTES} B each); sized to the peak "
-                  f"the hash would take {tight / capacity:.2f} B/rec")
-    print("range over rounds, hit / miss ns: " + "; ".join(
-        f"{d.name} {min(d.samples['hit_ns']):.0f}-{max(d.samples['hit_ns']):.0f} / "
-        f"{min(d.samples['miss_ns']):.0f}-{max(d.samples['miss_ns']):.0f}" for d in designs))
-    print("lose/lk: losing per lookup (hits and misses weighted equally); steps per "
-          "hit/miss: links followed (chain*), tags decoded (fatp), find calls (fatp16)")
+            print(
+                f"{d.name}: rows in use {d.pool.rows_used}, peak {d.pool.rows_peak} of "
+                f"{d.pool.nrows - 1} allocated ({ROW_BYTES} B each); sized to the peak "
+                f"the hash would take {tight / capacity:.2f} B/rec"
+            )
+    print(
+        "range over rounds, hit / miss ns: "
+        + "; ".join(
+            f"{d.name} {min(d.samples['hit_ns']):.0f}-{max(d.samples['hit_ns']):.0f} / "
+            f"{min(d.samples['miss_ns']):.0f}-{max(d.samples['miss_ns']):.0f}"
+            for d in designs
+        )
+    )
+    print(
+        "lose/lk: losing per lookup (hits and misses weighted equally); steps per "
+        "hit/miss: links followed (chain*), tags decoded (fatp), find calls (fatp16)"
+    )
     print(verdict(designs))
 
 

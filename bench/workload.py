@@ -7,8 +7,8 @@ TCP stack would, so the tracker takes its normal in-window path for every packet
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 

@@ -37,9 +37,7 @@ def proto_files(proto_root: Path = PROTO_ROOT) -> list[Path]:
 
 def generated_files(directory: Path) -> list[Path]:
     """Return the generated files present in ``directory``, sorted by name."""
-    return sorted(
-        path for path in directory.iterdir() if path.name.endswith(GENERATED_SUFFIXES)
-    )
+    return sorted(path for path in directory.iterdir() if path.name.endswith(GENERATED_SUFFIXES))
 
 
 def generate(out_root: Path = REPO_ROOT, proto_root: Path = PROTO_ROOT) -> list[Path]:

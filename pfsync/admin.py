@@ -13,8 +13,9 @@ async def require_admin(context: grpc.aio.ServicerContext, token: str | None) ->
     """Abort the call unless it carries the admin token (or, with none set, is local)."""
     if token is None:
         if not is_loopback_peer(context.peer()):
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                "admin calls are allowed from loopback only")
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, "admin calls are allowed from loopback only"
+            )
         return
     metadata = dict(context.invocation_metadata() or ())
     given = str(metadata.get("authorization", ""))

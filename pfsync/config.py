@@ -12,8 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import (BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict,
-                               TomlConfigSettingsSource)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from pfsync.netif import parse_networks
 
@@ -34,16 +38,21 @@ class NodeConfig(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="PFSYNCD_", extra="forbid")
 
-    hostid: int = Field(default_factory=lambda: secrets.randbits(32) or 1, ge=1,
-                        le=0xFFFFFFFF, description="creatorid of states made here (hex)")
+    hostid: int = Field(
+        default_factory=lambda: secrets.randbits(32) or 1,
+        ge=1,
+        le=0xFFFFFFFF,
+        description="creatorid of states made here (hex)",
+    )
     control: str = Field("127.0.0.1:7070", description="Control API address")
     pcap: list[Path] = Field(default_factory=list, description="capture files to replay")
     replay_speed: float = Field(0.0, ge=0.0, description="0: as fast as possible, 1: real time")
     capture: list[str] = Field(default_factory=list, description="interfaces to capture on")
     limit_states: int = Field(100000, ge=1, description="hard state limit")
     admin_token_file: Path | None = Field(None, description="token for admin calls")
-    local_net: list[str] = Field(default_factory=list,
-                                 description="MSLT local networks (default: this host's)")
+    local_net: list[str] = Field(
+        default_factory=list, description="MSLT local networks (default: this host's)"
+    )
     # sysctl name -> value, applied at start-up as `pfsysctl -w` would (like sysctl.conf).
     sysctl: dict[str, str | int | bool] = Field(default_factory=dict)
 
@@ -69,12 +78,14 @@ class NodeConfig(BaseSettings):
         return _host_port(value)
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
-                                   init_settings: PydanticBaseSettingsSource,
-                                   env_settings: PydanticBaseSettingsSource,
-                                   dotenv_settings: PydanticBaseSettingsSource,
-                                   file_secret_settings: PydanticBaseSettingsSource,
-                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         toml_file = settings_cls.model_config.get("toml_file")
         if toml_file:
@@ -90,8 +101,12 @@ def load_config(flags: dict[str, Any], config_file: Path | None = None) -> NodeC
             raise ConfigError(f"{config_file}: no such config file")
 
         class FileConfig(NodeConfig):
-            model_config = SettingsConfigDict(**{**NodeConfig.model_config,  # type: ignore
-                                                 "toml_file": config_file})
+            model_config = SettingsConfigDict(
+                **{
+                    **NodeConfig.model_config,  # type: ignore
+                    "toml_file": config_file,
+                }
+            )
 
         cls = FileConfig
     try:
@@ -100,7 +115,7 @@ def load_config(flags: dict[str, Any], config_file: Path | None = None) -> NodeC
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "config"
         raise ConfigError(f"invalid setting {where}: {err['msg']}") from None
-    except (OSError, ValueError) as exc:            # unreadable or malformed TOML
+    except (OSError, ValueError) as exc:  # unreadable or malformed TOML
         raise ConfigError(f"{config_file}: {exc}") from None
 
 

@@ -4,7 +4,7 @@ beyond translating between the table and the wire contract)."""
 from __future__ import annotations
 
 import ipaddress
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import grpc
 
@@ -12,13 +12,14 @@ from pfsync.admin import require_admin
 from pfsync.node import MALFORMED, Node
 from pfsync.v1 import control_pb2 as pb
 from pfsync.v1 import control_pb2_grpc
-from statetable import keys, timeouts as tmo
+from statetable import keys
+from statetable import timeouts as tmo
 from statetable.counters import PFRES_NAMES
 from statetable.state import FLAG_NOSYNC, TIME_WAIT, Peer, State
 from statetable.table import BLOCK
 from statetable.vtw import PeerView, Vestigial
 
-CHUNK = 1000            # states per ListStates message: ~200 KB, far below 4 MiB
+CHUNK = 1000  # states per ListStates message: ~200 KB, far below 4 MiB
 MAX_INJECT_FRAMES = 65536
 NO_RULE = 0xFFFFFFFF
 LIMITS = ("states", "src-nodes", "frags", "tables", "table-entries")
@@ -26,38 +27,73 @@ LIMITS = ("states", "src-nodes", "frags", "tables", "table-entries")
 
 def peer_to_pb(peer: Peer) -> pb.PeerState:
     """One peer on the wire (seqdiff and mss are not tracked: always 0)."""
-    return pb.PeerState(state=peer.state, seqlo=peer.seqlo, seqhi=peer.seqhi,
-                        max_win=peer.max_win, wscale=peer.wscale, packets=peer.packets,
-                        bytes=peer.bytes)
+    return pb.PeerState(
+        state=peer.state,
+        seqlo=peer.seqlo,
+        seqhi=peer.seqhi,
+        max_win=peer.max_win,
+        wscale=peer.wscale,
+        packets=peer.packets,
+        bytes=peer.bytes,
+    )
 
 
 def state_to_pb(node: Node, st: State, now: float) -> pb.State:
     """A table state on the wire, with age and remaining lifetime relative to ``now``."""
     sa, sp, da, dp = st.endpoints()
     return pb.State(
-        id=st.id, creatorid=st.creatorid, af=st.af, proto=st.proto, ifname="all",
-        direction=st.direction, src_addr=sa, dst_addr=da, src_port=sp, dst_port=dp,
-        src=peer_to_pb(st), dst=peer_to_pb(st.dst), timeout=tmo.name_of(st.timeout),
+        id=st.id,
+        creatorid=st.creatorid,
+        af=st.af,
+        proto=st.proto,
+        ifname="all",
+        direction=st.direction,
+        src_addr=sa,
+        dst_addr=da,
+        src_port=sp,
+        dst_port=dp,
+        src=peer_to_pb(st),
+        dst=peer_to_pb(st.dst),
+        timeout=tmo.name_of(st.timeout),
         age_seconds=max(0, int(now - st.creation)),
         expires_in=max(0, int(node.table.expires_at(st) - now + 0.999)),
-        rule=NO_RULE, nosync=bool(st.flags & FLAG_NOSYNC))
+        rule=NO_RULE,
+        nosync=bool(st.flags & FLAG_NOSYNC),
+    )
 
 
 def vestigial_to_pb(rec: Vestigial, now: float) -> pb.State:
     """A VTW record on the wire: no counters, no creation time (the record keeps neither)."""
     sa, sp, da, dp = keys.unpack(rec.key)
     return pb.State(
-        id=rec.id, creatorid=rec.creatorid, af=rec.af, proto=6, ifname="all",
-        direction=pb.State.IN, src_addr=sa, dst_addr=da, src_port=sp, dst_port=dp,
-        src=_record_peer(rec.src), dst=_record_peer(rec.dst),
-        timeout=tmo.name_of(tmo.TIME_WAIT), expires_in=max(0, int(rec.expire - now + 0.999)),
-        rule=NO_RULE, vestigial=True)
+        id=rec.id,
+        creatorid=rec.creatorid,
+        af=rec.af,
+        proto=6,
+        ifname="all",
+        direction=pb.State.IN,
+        src_addr=sa,
+        dst_addr=da,
+        src_port=sp,
+        dst_port=dp,
+        src=_record_peer(rec.src),
+        dst=_record_peer(rec.dst),
+        timeout=tmo.name_of(tmo.TIME_WAIT),
+        expires_in=max(0, int(rec.expire - now + 0.999)),
+        rule=NO_RULE,
+        vestigial=True,
+    )
 
 
 def _record_peer(peer: PeerView) -> pb.PeerState:
     # The connection is in TIME_WAIT whatever pf state each side last reached.
-    return pb.PeerState(state=TIME_WAIT, seqlo=peer.seqlo, seqhi=peer.seqhi,
-                        max_win=peer.max_win, wscale=peer.wscale)
+    return pb.PeerState(
+        state=TIME_WAIT,
+        seqlo=peer.seqlo,
+        seqhi=peer.seqhi,
+        max_win=peer.max_win,
+        wscale=peer.wscale,
+    )
 
 
 def _address_match(addr: bytes, match: pb.HostMatch) -> bool:
@@ -79,8 +115,9 @@ class ControlService(control_pb2_grpc.ControlServicer):
     async def _require_admin(self, context: grpc.aio.ServicerContext) -> None:
         await require_admin(context, self.admin_token)
 
-    async def ListStates(self, request: pb.ListStatesRequest,
-                         context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StatesChunk]:
+    async def ListStates(
+        self, request: pb.ListStatesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StatesChunk]:
         if request.address and len(request.address) not in (4, 16):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "address must be 4 or 16 bytes")
         node = self.node
@@ -92,8 +129,11 @@ class ControlService(control_pb2_grpc.ControlServicer):
             states = list(node.table.states())
         records: list[Vestigial] = []
         if not request.proto or request.proto == 6:
-            records = [rec for rec in node.table.vestigial()
-                       if not request.id or (rec.id, rec.creatorid) == (request.id, creatorid)]
+            records = [
+                rec
+                for rec in node.table.vestigial()
+                if not request.id or (rec.id, rec.creatorid) == (request.id, creatorid)
+            ]
         now = node.clock()
         chunk: list[pb.State] = []
         for item in [*states, *records]:
@@ -104,58 +144,90 @@ class ControlService(control_pb2_grpc.ControlServicer):
                 sa, _, da, _ = keys.unpack(item.key)
                 if request.address not in (sa, da):
                     continue
-            chunk.append(state_to_pb(node, item, now) if is_state      # type: ignore[arg-type]
-                         else vestigial_to_pb(item, now))              # type: ignore[arg-type]
+            chunk.append(
+                state_to_pb(node, item, now)
+                if is_state  # type: ignore[arg-type]
+                else vestigial_to_pb(item, now)
+            )  # type: ignore[arg-type]
             if len(chunk) == CHUNK:
                 yield pb.StatesChunk(states=chunk)
                 chunk = []
         if chunk:
             yield pb.StatesChunk(states=chunk)
 
-    async def GetInfo(self, request: pb.GetInfoRequest,
-                      context: grpc.aio.ServicerContext) -> pb.Info:
+    async def GetInfo(
+        self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Info:
         node, table = self.node, self.node.table
         searches, inserts, removals = table.fcounters
         return pb.Info(
-            running=True, enabled_seconds=int(node.clock() - node.started), hostid=node.hostid,
-            debug="err", current_entries=table.count, half_open_tcp=table.half_open,
-            searches=searches, inserts=inserts, removals=removals,
-            counters=[pb.Counter(name=n, value=v) for n, v in zip(PFRES_NAMES, table.pfres)],
+            running=True,
+            enabled_seconds=int(node.clock() - node.started),
+            hostid=node.hostid,
+            debug="err",
+            current_entries=table.count,
+            half_open_tcp=table.half_open,
+            searches=searches,
+            inserts=inserts,
+            removals=removals,
+            counters=[
+                pb.Counter(name=n, value=v) for n, v in zip(PFRES_NAMES, table.pfres, strict=True)
+            ],
             decoder_counters=[pb.Counter(name=n, value=v) for n, v in node.decoder_counters()],
-            sources=[pb.PacketSource(kind=s.kind, name=s.name, frames=s.frames, done=s.done,
-                                     error=s.error) for s in node.sources],
-            packets_passed=table.passed, packets_blocked=table.blocked)
+            sources=[
+                pb.PacketSource(
+                    kind=s.kind, name=s.name, frames=s.frames, done=s.done, error=s.error
+                )
+                for s in node.sources
+            ],
+            packets_passed=table.passed,
+            packets_blocked=table.blocked,
+        )
 
-    async def GetTimeouts(self, request: pb.GetTimeoutsRequest,
-                          context: grpc.aio.ServicerContext) -> pb.Timeouts:
+    async def GetTimeouts(
+        self, request: pb.GetTimeoutsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Timeouts:
         values = self.node.table.timeouts
-        return pb.Timeouts(timeouts=[
-            pb.Timeout(name=tmo.NAMES[i], seconds=values[i],
-                       unit="states" if tmo.NAMES[i].startswith("adaptive.") else "s")
-            for i in tmo.DISPLAY_ORDER])
+        return pb.Timeouts(
+            timeouts=[
+                pb.Timeout(
+                    name=tmo.NAMES[i],
+                    seconds=values[i],
+                    unit="states" if tmo.NAMES[i].startswith("adaptive.") else "s",
+                )
+                for i in tmo.DISPLAY_ORDER
+            ]
+        )
 
-    async def GetMemory(self, request: pb.GetMemoryRequest,
-                        context: grpc.aio.ServicerContext) -> pb.Memory:
+    async def GetMemory(
+        self, request: pb.GetMemoryRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Memory:
         # Only states are limited here; the other pools of pf do not exist in this node.
         hard = {"states": self.node.table.limit_states}
-        return pb.Memory(limits=[pb.Limit(name=n, hard_limit=hard.get(n, NO_RULE))
-                                 for n in LIMITS])
+        return pb.Memory(limits=[pb.Limit(name=n, hard_limit=hard.get(n, NO_RULE)) for n in LIMITS])
 
-    async def Inject(self, request: pb.InjectRequest,
-                     context: grpc.aio.ServicerContext) -> pb.InjectReply:
+    async def Inject(
+        self, request: pb.InjectRequest, context: grpc.aio.ServicerContext
+    ) -> pb.InjectReply:
         await self._require_admin(context)
         if len(request.frames) > MAX_INJECT_FRAMES:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"at most {MAX_INJECT_FRAMES} frames per call")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_INJECT_FRAMES} frames per call"
+            )
         node = self.node
         feed, now = node.feed, node.clock()
         verdicts = [feed(f.data, f.linktype, now) for f in request.frames]
         blocked, errors = verdicts.count(BLOCK), verdicts.count(MALFORMED)
-        return pb.InjectReply(passed=len(verdicts) - blocked - errors, blocked=blocked,
-                              errors=errors, verdicts=verdicts)
+        return pb.InjectReply(
+            passed=len(verdicts) - blocked - errors,
+            blocked=blocked,
+            errors=errors,
+            verdicts=verdicts,
+        )
 
-    async def KillStates(self, request: pb.KillRequest,
-                         context: grpc.aio.ServicerContext) -> pb.KillReply:
+    async def KillStates(
+        self, request: pb.KillRequest, context: grpc.aio.ServicerContext
+    ) -> pb.KillReply:
         await self._require_admin(context)
         table = self.node.table
         if request.by_id:
@@ -163,15 +235,16 @@ class ControlService(control_pb2_grpc.ControlServicer):
             st = table.get_by_id(request.id, creatorid)
             victims = [st] if st is not None else []
             records = table.kill_vestigial(
-                lambda rec: (rec.id, rec.creatorid) == (request.id, creatorid))
+                lambda rec: (rec.id, rec.creatorid) == (request.id, creatorid)
+            )
         else:
             for match in (request.src, request.dst):
                 if match.addr and len(match.addr) not in (4, 16):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                        "addresses must be 4 or 16 bytes")
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, "addresses must be 4 or 16 bytes"
+                    )
                 if match.prefix_len > 8 * max(len(match.addr), 4):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prefix too long")
-
 
             def matches(key: bytes) -> bool:
                 sa, _, da, _ = keys.unpack(key)
@@ -183,13 +256,15 @@ class ControlService(control_pb2_grpc.ControlServicer):
             table.kill(st)
         return pb.KillReply(killed=len(victims) + records)
 
-    async def ClearStates(self, request: pb.ClearRequest,
-                          context: grpc.aio.ServicerContext) -> pb.ClearReply:
+    async def ClearStates(
+        self, request: pb.ClearRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClearReply:
         await self._require_admin(context)
         return pb.ClearReply(cleared=self.node.table.clear())
 
-    async def ClearCounters(self, request: pb.ClearCountersRequest,
-                            context: grpc.aio.ServicerContext) -> pb.ClearCountersReply:
+    async def ClearCounters(
+        self, request: pb.ClearCountersRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClearCountersReply:
         await self._require_admin(context)
         self.node.clear_counters()
         return pb.ClearCountersReply()

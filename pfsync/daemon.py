@@ -23,8 +23,8 @@ from grpc_reflection.v1alpha import reflection
 
 from pfsync.config import ConfigError, NodeConfig, load_config
 from pfsync.control import ControlService
-from pfsync.node import Node
 from pfsync.netif import local_networks, parse_networks
+from pfsync.node import Node
 from pfsync.sysctl import SysctlError
 from pfsync.sysctl_service import SysctlService
 from pfsync.v1 import control_pb2, control_pb2_grpc, sysctl_pb2, sysctl_pb2_grpc
@@ -42,36 +42,71 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """pfsyncd's flags; each may also come from PFSYNCD_<NAME> or the --config file."""
-    p = _Parser(prog=PROG, description="Run a pfsyncd node: a pf-style state table fed by "
-                "capture replays and live interfaces, served over gRPC.",
-                argument_default=argparse.SUPPRESS)
-    p.add_argument("--config", type=Path, metavar="FILE",
-                   help="TOML file with the same settings (flags and PFSYNCD_* env win)")
-    p.add_argument("--hostid", metavar="HEX", help="creatorid of states made here "
-                   "(default: random 32-bit)")
-    p.add_argument("--control", metavar="ADDR", help="Control API address "
-                   "(default 127.0.0.1:7070)")
-    p.add_argument("--pcap", type=Path, action="append", metavar="FILE",
-                   help="replay a pcap/pcapng capture into the table (repeatable)")
-    p.add_argument("--replay-speed", type=float, metavar="X",
-                   help="0 = as fast as possible (default), 1 = real time, 2 = twice as fast")
-    p.add_argument("--capture", action="append", metavar="IFACE",
-                   help="track live traffic of an interface (Linux AF_PACKET, root; repeatable)")
-    p.add_argument("--limit-states", type=int, metavar="N",
-                   help="hard state limit (default 100000)")
-    p.add_argument("--local-net", action="append", metavar="CIDR",
-                   help="a network MSLT counts as local (repeatable; default: the networks "
-                   "of this host's interfaces)")
-    p.add_argument("--sysctl", action="append", metavar="NAME=VALUE",
-                   help="set a sysctl at start-up, as pfsysctl -w does (repeatable; also a "
-                   "[sysctl] table in the config file)")
-    p.add_argument("--admin-token-file", type=Path, metavar="FILE",
-                   help="token required for admin calls (default: admin calls from loopback "
-                   "only)")
-    p.add_argument("--exit-after-replay", action="store_true", default=False,
-                   help="stop once every --pcap file is replayed (no --capture allowed)")
-    p.add_argument("-v", "--verbose", action="store_true", default=False,
-                   help="log debug details")
+    p = _Parser(
+        prog=PROG,
+        description="Run a pfsyncd node: a pf-style state table fed by "
+        "capture replays and live interfaces, served over gRPC.",
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML file with the same settings (flags and PFSYNCD_* env win)",
+    )
+    p.add_argument(
+        "--hostid", metavar="HEX", help="creatorid of states made here (default: random 32-bit)"
+    )
+    p.add_argument("--control", metavar="ADDR", help="Control API address (default 127.0.0.1:7070)")
+    p.add_argument(
+        "--pcap",
+        type=Path,
+        action="append",
+        metavar="FILE",
+        help="replay a pcap/pcapng capture into the table (repeatable)",
+    )
+    p.add_argument(
+        "--replay-speed",
+        type=float,
+        metavar="X",
+        help="0 = as fast as possible (default), 1 = real time, 2 = twice as fast",
+    )
+    p.add_argument(
+        "--capture",
+        action="append",
+        metavar="IFACE",
+        help="track live traffic of an interface (Linux AF_PACKET, root; repeatable)",
+    )
+    p.add_argument(
+        "--limit-states", type=int, metavar="N", help="hard state limit (default 100000)"
+    )
+    p.add_argument(
+        "--local-net",
+        action="append",
+        metavar="CIDR",
+        help="a network MSLT counts as local (repeatable; default: the networks "
+        "of this host's interfaces)",
+    )
+    p.add_argument(
+        "--sysctl",
+        action="append",
+        metavar="NAME=VALUE",
+        help="set a sysctl at start-up, as pfsysctl -w does (repeatable; also a "
+        "[sysctl] table in the config file)",
+    )
+    p.add_argument(
+        "--admin-token-file",
+        type=Path,
+        metavar="FILE",
+        help="token required for admin calls (default: admin calls from loopback only)",
+    )
+    p.add_argument(
+        "--exit-after-replay",
+        action="store_true",
+        default=False,
+        help="stop once every --pcap file is replayed (no --capture allowed)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", default=False, help="log debug details")
     return p
 
 
@@ -104,8 +139,7 @@ def _sysctl_flags(items: list[str]) -> dict[str, str]:
 
 async def serve(config: NodeConfig, exit_after_replay: bool = False) -> int:
     """Run a node until a signal (or the end of the replays); returns the exit status."""
-    node = Node(config.hostid, limit_states=config.limit_states,
-                local_nets=_local_nets(config))
+    node = Node(config.hostid, limit_states=config.limit_states, local_nets=_local_nets(config))
     try:
         for name, value in config.sysctl.items():
             node.sysctl.set(name, _sysctl_text(value))
@@ -121,10 +155,14 @@ async def serve(config: NodeConfig, exit_after_replay: bool = False) -> int:
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (control_pb2.DESCRIPTOR.services_by_name["Control"].full_name,
-         sysctl_pb2.DESCRIPTOR.services_by_name["Sysctl"].full_name,
-         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), server)
+        (
+            control_pb2.DESCRIPTOR.services_by_name["Control"].full_name,
+            sysctl_pb2.DESCRIPTOR.services_by_name["Sysctl"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
     if server.add_insecure_port(config.control) == 0:
         print(f"{PROG}: cannot listen on {config.control}", file=sys.stderr)
         return 1
@@ -160,8 +198,11 @@ async def serve(config: NodeConfig, exit_after_replay: bool = False) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point."""
     if api_implementation.Type() != "upb":
-        print(f"{PROG}: protobuf runs its slow '{api_implementation.Type()}' backend; "
-              "install protobuf's upb wheels", file=sys.stderr)
+        print(
+            f"{PROG}: protobuf runs its slow '{api_implementation.Type()}' backend; "
+            "install protobuf's upb wheels",
+            file=sys.stderr,
+        )
         return 1
     args = vars(build_parser().parse_args(argv))
     config_file = args.pop("config", None)
@@ -185,8 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     if config.admin_token_file is not None and not os.access(config.admin_token_file, os.R_OK):
         print(f"{PROG}: {config.admin_token_file}: cannot read token file", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format=f"{PROG}: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format=f"{PROG}: %(message)s",
+        stream=sys.stderr,
+    )
     try:
         return asyncio.run(serve(config, exit_after_replay))
     except KeyboardInterrupt:

@@ -15,7 +15,6 @@ import struct
 
 from statetable.mslt import Network
 
-
 # <linux/netlink.h>, <linux/rtnetlink.h>, <linux/if_addr.h>
 _NLMSGHDR = struct.Struct("=IHHII")  # nlmsg_len, nlmsg_type, nlmsg_flags, nlmsg_seq, nlmsg_pid
 _NLMSGERR = struct.Struct("=i")  # error: 0 or a negative errno (then the offending header)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 from pfsync.pcap import CaptureError, read_capture
 from pfsync.sysctl import build_tree
@@ -46,16 +46,25 @@ class PacketSource:
 class Node:
     """A state table, its clock, and the sources that feed it."""
 
-    def __init__(self, hostid: int, limit_states: int = 100000,
-                 local_nets: Sequence[Network] = (),
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        hostid: int,
+        limit_states: int = 100000,
+        local_nets: Sequence[Network] = (),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.clock = clock
         self.started = clock()
         self.hostid = hostid
         # pf numbers states from (boot time << 32) so ids stay unique across restarts.
-        self.table = StateTable(TableConfig(hostid=hostid, id_base=int(time.time()) << 32,
-                                            limit_states=limit_states,
-                                            local_nets=list(local_nets)))
+        self.table = StateTable(
+            TableConfig(
+                hostid=hostid,
+                id_base=int(time.time()) << 32,
+                limit_states=limit_states,
+                local_nets=list(local_nets),
+            )
+        )
         self.sysctl = build_tree(self)
         self.non_ip = 0
         self.sources: list[PacketSource] = []
@@ -71,7 +80,7 @@ class Node:
         if pkt == NOT_IP:
             self.non_ip += 1
             return 0
-        self.table.pfres[pkt] += 1           # short, bad-offset, fragment
+        self.table.pfres[pkt] += 1  # short, bad-offset, fragment
         self.table.blocked += 1
         return MALFORMED
 
@@ -127,7 +136,7 @@ class Node:
         """Track live traffic of an interface (Linux AF_PACKET; needs root)."""
         from pfsync.afpacket import PacketCapture
 
-        cap = PacketCapture.open(ifname)     # a bad name raises a one-line OSError
+        cap = PacketCapture.open(ifname)  # a bad name raises a one-line OSError
         source = PacketSource("capture", ifname)
         loop = asyncio.get_running_loop()
 

@@ -10,8 +10,9 @@ features only add nodes (``tree.add(...)``); the gRPC service, ``pfsysctl``, the
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Union
+from typing import TYPE_CHECKING
 
 from statetable import timeouts as tmo
 from statetable.mslt import CLASS_NAMES
@@ -20,7 +21,7 @@ from statetable.vtw import HashStats
 if TYPE_CHECKING:
     from pfsync.node import Node
 
-Value = Union[int, bool, str, list[tuple[str, int]]]
+Value = int | bool | str | list[tuple[str, int]]
 
 
 class Kind(enum.Enum):
@@ -37,7 +38,7 @@ class SysctlError(Exception):
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
-        self.code = code            # "not-found", "invalid" or "read-only"
+        self.code = code  # "not-found", "invalid" or "read-only"
 
 
 @dataclass(frozen=True)
@@ -74,10 +75,15 @@ class SysctlNode:
             value = int(text, 0)
         except ValueError:
             raise SysctlError("invalid", f"{self.name}: {text!r} is not an integer") from None
-        if self.minimum is not None and value < self.minimum or \
-                self.maximum is not None and value > self.maximum:
-            raise SysctlError("invalid", f"{self.name}: {value} is out of range "
-                              f"{self.minimum}..{self.maximum}")
+        if (
+            self.minimum is not None
+            and value < self.minimum
+            or self.maximum is not None
+            and value > self.maximum
+        ):
+            raise SysctlError(
+                "invalid", f"{self.name}: {value} is out of range {self.minimum}..{self.maximum}"
+            )
         if self.power_of_two and value & (value - 1):
             raise SysctlError("invalid", f"{self.name}: {value} is not a power of two")
         return value
@@ -92,8 +98,8 @@ class SysctlTree:
     def add(self, node: SysctlNode) -> None:
         """Register a node; names are unique and no node may sit below another."""
         if node.name in self._nodes or any(
-                n.startswith(node.name + ".") or node.name.startswith(n + ".")
-                for n in self._nodes):
+            n.startswith(node.name + ".") or node.name.startswith(n + ".") for n in self._nodes
+        ):
             raise ValueError(f"sysctl {node.name} clashes with an existing node")
         self._nodes[node.name] = node
 
@@ -108,8 +114,9 @@ class SysctlTree:
         """Nodes named ``prefix`` or below it, sorted; all nodes for an empty prefix."""
         if not prefix:
             return sorted(self._nodes.values(), key=lambda n: n.name)
-        found = [n for name, n in self._nodes.items()
-                 if name == prefix or name.startswith(prefix + ".")]
+        found = [
+            n for name, n in self._nodes.items() if name == prefix or name.startswith(prefix + ".")
+        ]
         if not found:
             raise SysctlError("not-found", f"unknown sysctl name {prefix!r}")
         return sorted(found, key=lambda n: n.name)
@@ -124,8 +131,11 @@ class SysctlTree:
         while head:
             parent = self._nodes.get(head)
             if parent is not None and parent.kind is Kind.STRUCT:
-                fields = [(f, v) for f, v in parent.get()              # type: ignore[union-attr]
-                          if f == tail or f.startswith(tail + ".")]
+                fields = [
+                    (f, v)
+                    for f, v in parent.get()  # type: ignore[union-attr]
+                    if f == tail or f.startswith(tail + ".")
+                ]
                 if fields:
                     return parent, fields
                 break
@@ -161,51 +171,109 @@ def build_tree(node: Node) -> SysctlTree:
         for af in (4, 6):
             for cls, cname in enumerate(CLASS_NAMES):
                 pool = vtw.pools.get((af, cls))
-                inuse, free, nbytes = (pool.live, pool.capacity - pool.live, pool.nbytes) \
-                    if pool is not None else (0, vtw.entries - 1, 0)
+                inuse, free, nbytes = (
+                    (pool.live, pool.capacity - pool.live, pool.nbytes)
+                    if pool is not None
+                    else (0, vtw.entries - 1, 0)
+                )
                 base = f"class.ipv{af}.{cname}"
-                fields += [(f"{base}.inuse", inuse), (f"{base}.free", free),
-                           (f"{base}.bytes", nbytes)]
+                fields += [
+                    (f"{base}.inuse", inuse),
+                    (f"{base}.free", free),
+                    (f"{base}.bytes", nbytes),
+                ]
         return fields
 
     def set_mslt(field: str) -> Callable[[Value], None]:
         def apply(value: Value) -> None:
             setattr(mslt.config, field, value)
+
         return apply
 
-    tree.add(SysctlNode("net.inet.tcp.vtw.enable", Kind.BOOL,
-                        "keep TIME_WAIT connections as compact vestigial records (0/1)",
-                        lambda: vtw.enabled, lambda v: table.set_vtw_enabled(bool(v))))
-    tree.add(SysctlNode("net.inet.tcp.vtw.entries", Kind.INT,
-                        "slots per VTW pool (one pool per family and MSLT class; "
-                        "power of two, 4..16777216)",
-                        lambda: vtw.entries, lambda v: table.set_vtw_entries(int(v)),
-                        minimum=4, maximum=1 << 24, power_of_two=True))
-    tree.add(SysctlNode("net.inet.tcp.vtw.stats", Kind.STRUCT,
-                        "VTW inserts, deletes, assassinations, hash lookups, pool usage",
-                        vtw_stats))
-    tree.add(SysctlNode("net.inet.tcp.mslt.enable", Kind.BOOL,
-                        "MSL by peer nearness (loopback/local/remote); 0: remote MSL for all",
-                        lambda: mslt.config.enable, set_mslt("enable")))
-    for field, text in (("loopback", "loopback connections"),
-                        ("local", "connections within the local networks"),
-                        ("remote", "other connections")):
-        tree.add(SysctlNode(f"net.inet.tcp.mslt.{field}", Kind.INT,
-                            f"MSL in seconds of {text} (TIME_WAIT lasts 2 x MSL), 0..3600",
-                            lambda field=field: getattr(mslt.config, field), set_mslt(field),
-                            minimum=0, maximum=3600))
-    tree.add(SysctlNode("net.inet.tcp.mslt.local_nets", Kind.STRING,
-                        "networks MSLT counts as local (--local-net)",
-                        lambda: " ".join(str(n) for n in mslt.local_nets)))
+    tree.add(
+        SysctlNode(
+            "net.inet.tcp.vtw.enable",
+            Kind.BOOL,
+            "keep TIME_WAIT connections as compact vestigial records (0/1)",
+            lambda: vtw.enabled,
+            lambda v: table.set_vtw_enabled(bool(v)),
+        )
+    )
+    tree.add(
+        SysctlNode(
+            "net.inet.tcp.vtw.entries",
+            Kind.INT,
+            "slots per VTW pool (one pool per family and MSLT class; power of two, 4..16777216)",
+            lambda: vtw.entries,
+            lambda v: table.set_vtw_entries(int(v)),
+            minimum=4,
+            maximum=1 << 24,
+            power_of_two=True,
+        )
+    )
+    tree.add(
+        SysctlNode(
+            "net.inet.tcp.vtw.stats",
+            Kind.STRUCT,
+            "VTW inserts, deletes, assassinations, hash lookups, pool usage",
+            vtw_stats,
+        )
+    )
+    tree.add(
+        SysctlNode(
+            "net.inet.tcp.mslt.enable",
+            Kind.BOOL,
+            "MSL by peer nearness (loopback/local/remote); 0: remote MSL for all",
+            lambda: mslt.config.enable,
+            set_mslt("enable"),
+        )
+    )
+    for field, text in (
+        ("loopback", "loopback connections"),
+        ("local", "connections within the local networks"),
+        ("remote", "other connections"),
+    ):
+        tree.add(
+            SysctlNode(
+                f"net.inet.tcp.mslt.{field}",
+                Kind.INT,
+                f"MSL in seconds of {text} (TIME_WAIT lasts 2 x MSL), 0..3600",
+                lambda field=field: getattr(mslt.config, field),
+                set_mslt(field),
+                minimum=0,
+                maximum=3600,
+            )
+        )
+    tree.add(
+        SysctlNode(
+            "net.inet.tcp.mslt.local_nets",
+            Kind.STRING,
+            "networks MSLT counts as local (--local-net)",
+            lambda: " ".join(str(n) for n in mslt.local_nets),
+        )
+    )
     for i, name in enumerate(tmo.NAMES):
         unit = "states" if name.startswith("adaptive.") else "seconds"
-        tree.add(SysctlNode(f"net.pf.timeout.{name}", Kind.INT,
-                            f"pf timeout {name} in {unit}",
-                            lambda i=i: table.timeouts[i],
-                            lambda v, i=i: table.timeouts.__setitem__(i, int(v)),
-                            minimum=0, maximum=(1 << 31) - 1))
-    tree.add(SysctlNode("net.pf.limit.states", Kind.INT, "hard limit of the state table",
-                        lambda: table.limit_states,
-                        lambda v: setattr(table, "limit_states", int(v)),
-                        minimum=1, maximum=(1 << 31) - 1))
+        tree.add(
+            SysctlNode(
+                f"net.pf.timeout.{name}",
+                Kind.INT,
+                f"pf timeout {name} in {unit}",
+                lambda i=i: table.timeouts[i],
+                lambda v, i=i: table.timeouts.__setitem__(i, int(v)),
+                minimum=0,
+                maximum=(1 << 31) - 1,
+            )
+        )
+    tree.add(
+        SysctlNode(
+            "net.pf.limit.states",
+            Kind.INT,
+            "hard limit of the state table",
+            lambda: table.limit_states,
+            lambda v: setattr(table, "limit_states", int(v)),
+            minimum=1,
+            maximum=(1 << 31) - 1,
+        )
+    )
     return tree

@@ -9,26 +9,36 @@ from pfsync.sysctl import Kind, SysctlError, SysctlNode, SysctlTree, Value
 from pfsync.v1 import sysctl_pb2 as pb
 from pfsync.v1 import sysctl_pb2_grpc
 
-_STATUS = {"not-found": grpc.StatusCode.NOT_FOUND, "invalid": grpc.StatusCode.INVALID_ARGUMENT,
-           "read-only": grpc.StatusCode.FAILED_PRECONDITION}
-_TYPES = {Kind.INT: pb.SysctlNode.INT, Kind.BOOL: pb.SysctlNode.BOOL,
-          Kind.STRING: pb.SysctlNode.STRING, Kind.STRUCT: pb.SysctlNode.STRUCT}
+_STATUS = {
+    "not-found": grpc.StatusCode.NOT_FOUND,
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "read-only": grpc.StatusCode.FAILED_PRECONDITION,
+}
+_TYPES = {
+    Kind.INT: pb.SysctlNode.INT,
+    Kind.BOOL: pb.SysctlNode.BOOL,
+    Kind.STRING: pb.SysctlNode.STRING,
+    Kind.STRUCT: pb.SysctlNode.STRUCT,
+}
 MAX_NAME = 256
 
 
 def node_to_pb(node: SysctlNode, value: Value, name: str | None = None) -> pb.SysctlNode:
     """A node and one of its values on the wire."""
-    msg = pb.SysctlNode(name=name or node.name, type=_TYPES[node.kind], writable=node.writable,
-                        description=node.description)
+    msg = pb.SysctlNode(
+        name=name or node.name,
+        type=_TYPES[node.kind],
+        writable=node.writable,
+        description=node.description,
+    )
     if node.kind is Kind.BOOL:
         msg.flag = bool(value)
     elif node.kind is Kind.INT:
-        msg.integer = int(value)                                   # type: ignore[arg-type]
+        msg.integer = int(value)  # type: ignore[arg-type]
     elif node.kind is Kind.STRING:
         msg.text = str(value)
     else:
-        msg.fields.fields.extend(pb.SysctlField(name=f, value=v)
-                                 for f, v in value)                # type: ignore[union-attr]
+        msg.fields.fields.extend(pb.SysctlField(name=f, value=v) for f, v in value)  # type: ignore[union-attr]
     return msg
 
 
@@ -46,13 +56,14 @@ class SysctlService(sysctl_pb2_grpc.SysctlServicer):
         if len(name) > MAX_NAME or not name.isprintable():
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed sysctl name")
 
-    async def List(self, request: pb.SysctlListRequest,
-                   context: grpc.aio.ServicerContext) -> pb.SysctlList:
+    async def List(
+        self, request: pb.SysctlListRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SysctlList:
         await self._check_name(request.prefix, context)
         try:
             nodes = self.tree.list(request.prefix)
         except SysctlError as exc:
-            try:                        # a struct field (net.inet.tcp.vtw.stats.ins)
+            try:  # a struct field (net.inet.tcp.vtw.stats.ins)
                 node, value = self.tree.get(request.prefix)
             except SysctlError:
                 await self._fail(context, exc)
@@ -60,8 +71,9 @@ class SysctlService(sysctl_pb2_grpc.SysctlServicer):
             return pb.SysctlList(nodes=[node_to_pb(node, value)])
         return pb.SysctlList(nodes=[node_to_pb(n, n.get()) for n in nodes])
 
-    async def Get(self, request: pb.SysctlGetRequest,
-                  context: grpc.aio.ServicerContext) -> pb.SysctlNode:
+    async def Get(
+        self, request: pb.SysctlGetRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SysctlNode:
         await self._check_name(request.name, context)
         try:
             node, value = self.tree.get(request.name)
@@ -70,8 +82,9 @@ class SysctlService(sysctl_pb2_grpc.SysctlServicer):
             raise
         return node_to_pb(node, value)
 
-    async def Set(self, request: pb.SysctlSetRequest,
-                  context: grpc.aio.ServicerContext) -> pb.SysctlSetReply:
+    async def Set(
+        self, request: pb.SysctlSetRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SysctlSetReply:
         await require_admin(context, self.admin_token)
         await self._check_name(request.name, context)
         try:

@@ -6,11 +6,20 @@ listener as small frozen event objects (see :mod:`statetable.events`).
 """
 
 from statetable.decode import decode_frame
-from statetable.events import StateInserted, StateRemoved, StateUpdated, RemoveReason
+from statetable.events import RemoveReason, StateInserted, StateRemoved, StateUpdated
 from statetable.state import Peer, State
-from statetable.table import PASS, BLOCK, StateTable, TableConfig
+from statetable.table import BLOCK, PASS, StateTable, TableConfig
 
 __all__ = [
-    "BLOCK", "PASS", "Peer", "RemoveReason", "State", "StateInserted", "StateRemoved",
-    "StateTable", "StateUpdated", "TableConfig", "decode_frame",
+    "BLOCK",
+    "PASS",
+    "Peer",
+    "RemoveReason",
+    "State",
+    "StateInserted",
+    "StateRemoved",
+    "StateTable",
+    "StateUpdated",
+    "TableConfig",
+    "decode_frame",
 ]

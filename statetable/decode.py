@@ -39,9 +39,9 @@ TH_FIN, TH_SYN, TH_RST, TH_PUSH, TH_ACK, TH_URG = 0x01, 0x02, 0x04, 0x08, 0x10, 
 TCP_MAX_WINSHIFT = 14
 WSCALE_FLAG = 0x80
 
-_IP4 = struct.Struct("!BxHxxHxB")      # version/ihl, total length, fragment, protocol
-_IP6 = struct.Struct("!4xHB")          # payload length, next header
-_TCP = struct.Struct("!IIBBH")         # seq, ack, data offset, flags, window (from +4)
+_IP4 = struct.Struct("!BxHxxHxB")  # version/ihl, total length, fragment, protocol
+_IP6 = struct.Struct("!4xHB")  # payload length, next header
+_TCP = struct.Struct("!IIBBH")  # seq, ack, data offset, flags, window (from +4)
 _U16 = struct.Struct("!H")
 _U32LE = struct.Struct("<I")
 _U32BE = struct.Struct("!I")
@@ -50,7 +50,7 @@ _ETH_IPV4, _ETH_IPV6, _ETH_VLAN, _ETH_QINQ = 0x0800, 0x86DD, 0x8100, 0x88A8
 # BSD loopback address families: AF_INET is 2 everywhere; AF_INET6 differs by BSD.
 _BSD_AF_INET6 = frozenset((24, 28, 30, 10))
 
-_IPV6_EXT_HEADERS = frozenset((0, 43, 60))      # hop-by-hop, routing, destination options
+_IPV6_EXT_HEADERS = frozenset((0, 43, 60))  # hop-by-hop, routing, destination options
 _ICMP_QUERIES = frozenset((0, 8, 13, 14, 15, 16, 17, 18))
 _ICMP_ERRORS = frozenset((3, 4, 5, 11, 12))
 _ICMP6_QUERIES = frozenset((128, 129))
@@ -134,11 +134,12 @@ def decode_ipv4(frame: bytes, off: int) -> tuple | int:
     if iplen < ihl:
         return PFRES_SHORT
     if frag & 0x1FFF:
-        return PFRES_FRAG                   # a later fragment: no transport header
+        return PFRES_FRAG  # a later fragment: no transport header
     if len(frame) < off + ihl:
         return PFRES_SHORT
-    return _transport(frame, off + ihl, proto, frame[off + 12:off + 20], iplen - ihl, iplen,
-                      False)
+    return _transport(
+        frame, off + ihl, proto, frame[off + 12 : off + 20], iplen - ihl, iplen, False
+    )
 
 
 def decode_ipv6(frame: bytes, off: int) -> tuple | int:
@@ -148,7 +149,7 @@ def decode_ipv6(frame: bytes, off: int) -> tuple | int:
     if frame[off] >> 4 != 6:
         return NOT_IP
     plen, nxt = _IP6.unpack_from(frame, off)
-    ips = frame[off + 8:off + 40]
+    ips = frame[off + 8 : off + 40]
     p = off + 40
     end = p + plen
     while True:
@@ -160,7 +161,7 @@ def decode_ipv6(frame: bytes, off: int) -> tuple | int:
             p += hlen
             if p > end:
                 return PFRES_BADOFF
-        elif nxt == 44:                      # fragment header
+        elif nxt == 44:  # fragment header
             if len(frame) < p + 8:
                 return PFRES_SHORT
             if _U16.unpack_from(frame, p + 2)[0] & 0xFFF8:
@@ -174,8 +175,9 @@ def decode_ipv6(frame: bytes, off: int) -> tuple | int:
     return _transport(frame, p, nxt, ips, end - p, plen + 40, True)
 
 
-def _transport(frame: bytes, l4: int, proto: int, ips: bytes, l4len: int, iplen: int,
-               v6: bool) -> tuple | int:
+def _transport(
+    frame: bytes, l4: int, proto: int, ips: bytes, l4len: int, iplen: int, v6: bool
+) -> tuple | int:
     """Decode the transport header at ``l4``; ``l4len`` is its length from the IP header."""
     if proto == 6:
         if len(frame) < l4 + 20 or l4len < 20:
@@ -187,11 +189,11 @@ def _transport(frame: bytes, l4: int, proto: int, ips: bytes, l4len: int, iplen:
         if thl > l4len:
             return PFRES_SHORT
         opt = _syn_wscale(frame, l4 + 20, l4 + thl) if flags & TH_SYN and thl > 20 else 0
-        return (6, ips + frame[l4:l4 + 4], flags, seq, ack, win, l4len - thl, iplen, opt)
+        return (6, ips + frame[l4 : l4 + 4], flags, seq, ack, win, l4len - thl, iplen, opt)
     if proto == 17:
         if len(frame) < l4 + 8 or l4len < 8:
             return PFRES_SHORT
-        return (17, ips + frame[l4:l4 + 4], 0, 0, 0, 0, l4len - 8, iplen, 0)
+        return (17, ips + frame[l4 : l4 + 4], 0, 0, 0, 0, l4len - 8, iplen, 0)
     if proto == 1 or proto == 58:
         if len(frame) < l4 + 8 or l4len < 8:
             return PFRES_SHORT
@@ -199,7 +201,7 @@ def _transport(frame: bytes, l4: int, proto: int, ips: bytes, l4len: int, iplen:
         queries, errors = (_ICMP6_QUERIES, _ICMP6_ERRORS) if v6 else (_ICMP_QUERIES, _ICMP_ERRORS)
         inner = None
         if icmp_type in queries:
-            ident = frame[l4 + 4:l4 + 6]
+            ident = frame[l4 + 4 : l4 + 6]
             key = ips + ident + ident
         else:
             key = ips + _NO_PORTS
@@ -217,7 +219,7 @@ def _quoted(frame: bytes, off: int, v6: bool) -> tuple[int, bytes] | int:
         if len(frame) < off + 40:
             return PFRES_SHORT
         proto = frame[off + 6]
-        ips, l4 = frame[off + 8:off + 40], off + 40
+        ips, l4 = frame[off + 8 : off + 40], off + 40
         # Extension headers in the quote are rare; only the common chain is walked.
         while proto in _IPV6_EXT_HEADERS:
             if len(frame) < l4 + 2:
@@ -230,15 +232,15 @@ def _quoted(frame: bytes, off: int, v6: bool) -> tuple[int, bytes] | int:
         if ihl < 20:
             return PFRES_BADOFF
         proto = frame[off + 9]
-        ips, l4 = frame[off + 12:off + 20], off + ihl
+        ips, l4 = frame[off + 12 : off + 20], off + ihl
     if proto in (6, 17):
         if len(frame) < l4 + 4:
             return PFRES_SHORT
-        return proto, ips + frame[l4:l4 + 4]
+        return proto, ips + frame[l4 : l4 + 4]
     if proto in (1, 58):
         if len(frame) < l4 + 6:
             return PFRES_SHORT
-        ident = frame[l4 + 4:l4 + 6]
+        ident = frame[l4 + 4 : l4 + 6]
         return proto, ips + ident + ident
     return proto, ips + _NO_PORTS
 

@@ -6,8 +6,9 @@ They are built only when a listener is set, so a table nobody watches pays nothi
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Union
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from statetable.state import State
@@ -16,13 +17,13 @@ if TYPE_CHECKING:
 class RemoveReason(enum.Enum):
     """Why a state left the table."""
 
-    EXPIRED = "expired"      # purge found it past its timeout
-    KILLED = "killed"        # pfctl -k / Kill RPC
-    FLUSHED = "flushed"      # pfctl -F states / CLR
-    REUSED = "reused"        # a new SYN reused the 4-tuple of a closed state
-    PEER = "peer"            # a sync peer deleted it (pfsync DEL_C); not re-announced
-    CLOSED = "closed"        # an exact RST ended its TIME_WAIT
-    EVICTED = "evicted"      # its VTW pool was full and it was the oldest ("assassinated")
+    EXPIRED = "expired"  # purge found it past its timeout
+    KILLED = "killed"  # pfctl -k / Kill RPC
+    FLUSHED = "flushed"  # pfctl -F states / CLR
+    REUSED = "reused"  # a new SYN reused the 4-tuple of a closed state
+    PEER = "peer"  # a sync peer deleted it (pfsync DEL_C); not re-announced
+    CLOSED = "closed"  # an exact RST ended its TIME_WAIT
+    EVICTED = "evicted"  # its VTW pool was full and it was the oldest ("assassinated")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,5 +65,5 @@ class VestigialRemoved:
     reason: RemoveReason
 
 
-Event = Union[StateInserted, StateUpdated, StateRemoved, StateVestigial, VestigialRemoved]
+Event = StateInserted | StateUpdated | StateRemoved | StateVestigial | VestigialRemoved
 Listener = Callable[[Event], None]

@@ -24,7 +24,7 @@ def make(src: bytes, dst: bytes, sport: int, dport: int) -> bytes:
 def reverse(key: bytes) -> bytes:
     """The key of a packet going the other way."""
     n = (len(key) - 4) >> 1
-    return key[n:n + n] + key[:n] + key[-2:] + key[-4:-2]
+    return key[n : n + n] + key[:n] + key[-2:] + key[-4:-2]
 
 
 def family(key: bytes) -> int:
@@ -36,7 +36,7 @@ def unpack(key: bytes) -> tuple[bytes, int, bytes, int]:
     """(src, sport, dst, dport) of a key."""
     n = (len(key) - 4) >> 1
     sport, dport = _PORTS.unpack_from(key, n + n)
-    return key[:n], sport, key[n:n + n], dport
+    return key[:n], sport, key[n : n + n], dport
 
 
 def format_address(addr: bytes) -> str:

@@ -21,7 +21,7 @@ and kept in two bits of ``State.flags``.
 from __future__ import annotations
 
 import ipaddress
-from typing import Iterable
+from collections.abc import Iterable
 
 from pydantic import BaseModel, Field
 
@@ -50,8 +50,9 @@ class MsltConfig(BaseModel):
 class Mslt:
     """Classifies connections and gives their TIME_WAIT lifetime."""
 
-    def __init__(self, config: MsltConfig | None = None,
-                 local_nets: Iterable[Network] = ()) -> None:
+    def __init__(
+        self, config: MsltConfig | None = None, local_nets: Iterable[Network] = ()
+    ) -> None:
         self.config = config or MsltConfig()
         self.set_local_nets(local_nets)
 
@@ -59,20 +60,22 @@ class Mslt:
         """Replace the local networks (states already classified keep their class)."""
         self.local_nets = list(nets)
         # (network, mask) as ints: a membership test is one AND and one compare.
-        self._v4 = [(int(n.network_address), int(n.netmask))
-                    for n in self.local_nets if n.version == 4]
-        self._v6 = [(int(n.network_address), int(n.netmask))
-                    for n in self.local_nets if n.version == 6]
+        self._v4 = [
+            (int(n.network_address), int(n.netmask)) for n in self.local_nets if n.version == 4
+        ]
+        self._v6 = [
+            (int(n.network_address), int(n.netmask)) for n in self.local_nets if n.version == 6
+        ]
         self._v6.append(_V6_LINK_LOCAL)
 
     def classify(self, key: bytes) -> int:
         """LOOPBACK, LOCAL or REMOTE for a state key (see :mod:`statetable.keys`)."""
         n = (len(key) - 4) >> 1
-        src, dst = key[:n], key[n:n + n]
+        src, dst = key[:n], key[n : n + n]
         if src == dst:
             return LOOPBACK
         if n == 4:
-            if key[0] == 127 or key[4] == 127:          # 127.0.0.0/8, without int maths
+            if key[0] == 127 or key[4] == 127:  # 127.0.0.0/8, without int maths
                 return LOOPBACK
             nets = self._v4
             if not nets:

@@ -21,8 +21,19 @@ BYTES_MASK = PACKET - 1
 U16: tuple[int, ...] = tuple(range(65536))
 
 # TCP peer states (pf's TCPS_*, compared with < and >=).
-(CLOSED, LISTEN, SYN_SENT, SYN_RCVD, ESTABLISHED, CLOSE_WAIT, FIN_WAIT_1, CLOSING,
- LAST_ACK, FIN_WAIT_2, TIME_WAIT) = range(11)
+(
+    CLOSED,
+    LISTEN,
+    SYN_SENT,
+    SYN_RCVD,
+    ESTABLISHED,
+    CLOSE_WAIT,
+    FIN_WAIT_1,
+    CLOSING,
+    LAST_ACK,
+    FIN_WAIT_2,
+    TIME_WAIT,
+) = range(11)
 # UDP and "other" peer states (pf's PFUDPS_* / PFOTHERS_*).
 NO_TRAFFIC, SINGLE, MULTIPLE = range(3)
 
@@ -31,8 +42,8 @@ WSCALE_FLAG = 0x80
 WSCALE_MASK = 0x0F
 
 # State.flags bits.
-FLAG_NOSYNC = 0x01   # never replicated (pf's PFSTATE_NOSYNC)
-FLAG_OUT = 0x02      # created by an outbound packet (pf direction PF_OUT)
+FLAG_NOSYNC = 0x01  # never replicated (pf's PFSTATE_NOSYNC)
+FLAG_OUT = 0x02  # created by an outbound packet (pf direction PF_OUT)
 
 IN, OUT = 1, 2
 
@@ -64,8 +75,7 @@ class Peer:
 class State(Peer):
     """A connection's state. Its own Peer fields are the source (initiator) side."""
 
-    __slots__ = ("key", "proto", "id", "creatorid", "dst", "timeout", "creation", "expire",
-                 "flags")
+    __slots__ = ("key", "proto", "id", "creatorid", "dst", "timeout", "creation", "expire", "flags")
 
     def __init__(self, key: bytes, proto: int, id: int, creatorid: int, now: float) -> None:
         super().__init__()
@@ -100,6 +110,8 @@ class State(Peer):
 
     def __repr__(self) -> str:
         sa, sp, da, dp = self.endpoints()
-        return (f"State(id={self.id:#x}, creatorid={self.creatorid:#010x}, proto={self.proto}, "
-                f"{keys.format_endpoint(sa, sp)} -> {keys.format_endpoint(da, dp)}, "
-                f"peers={self.state}:{self.dst.state})")
+        return (
+            f"State(id={self.id:#x}, creatorid={self.creatorid:#010x}, proto={self.proto}, "
+            f"{keys.format_endpoint(sa, sp)} -> {keys.format_endpoint(da, dp)}, "
+            f"peers={self.state}:{self.dst.state})"
+        )

@@ -20,20 +20,42 @@ the client a retransmission timeout).
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from pydantic import BaseModel, Field, field_validator
 
-from statetable import keys, tcp, timewait, timeouts as tmo
-from statetable.counters import (FCNT_STATE_INSERT, FCNT_STATE_REMOVALS, FCNT_STATE_SEARCH,
-                                 PFRES_BADSTATE, PFRES_MATCH, PFRES_MAXSTATES, PFRES_NAMES,
-                                 PFRES_STATEINS)
-from statetable.events import (Listener, RemoveReason, StateInserted, StateRemoved, StateUpdated,
-                               StateVestigial, VestigialRemoved)
-from statetable.mslt import (FLAG_MASK as MSLT_FLAGS, Mslt, MsltConfig, Network, class_flags,
-                             stored_class)
-from statetable.state import (ESTABLISHED, FIN_WAIT_2, MULTIPLE, PACKET, SINGLE,
-                              State)
+from statetable import keys, tcp, timewait
+from statetable import timeouts as tmo
+from statetable.counters import (
+    FCNT_STATE_INSERT,
+    FCNT_STATE_REMOVALS,
+    FCNT_STATE_SEARCH,
+    PFRES_BADSTATE,
+    PFRES_MATCH,
+    PFRES_MAXSTATES,
+    PFRES_NAMES,
+    PFRES_STATEINS,
+)
+from statetable.events import (
+    Listener,
+    RemoveReason,
+    StateInserted,
+    StateRemoved,
+    StateUpdated,
+    StateVestigial,
+    VestigialRemoved,
+)
+from statetable.mslt import (
+    FLAG_MASK as MSLT_FLAGS,
+)
+from statetable.mslt import (
+    Mslt,
+    MsltConfig,
+    Network,
+    class_flags,
+    stored_class,
+)
+from statetable.state import ESTABLISHED, FIN_WAIT_2, MULTIPLE, PACKET, SINGLE, State
 from statetable.vtw import TICKS, WSCALE_BITS, Pool, Vestigial, Vtw, VtwConfig, quantize
 
 PASS, BLOCK = 0, 1
@@ -43,7 +65,7 @@ UNLINKED = 22
 # Per protocol: (first, single, multiple) timeouts.
 _UDP_TIMEOUTS = (tmo.UDP_FIRST, tmo.UDP_SINGLE, tmo.UDP_MULTIPLE)
 _OTHER_TIMEOUTS = (tmo.OTHER_FIRST, tmo.OTHER_SINGLE, tmo.OTHER_MULTIPLE)
-_TIME_WAIT = tmo.TIME_WAIT        # a module constant: one lookup less per TCP packet
+_TIME_WAIT = tmo.TIME_WAIT  # a module constant: one lookup less per TCP packet
 
 
 class TableConfig(BaseModel):
@@ -181,8 +203,9 @@ class StateTable:
             self.remove(st, RemoveReason.EXPIRED)
             return self._no_tcp_state(pkt, now)
         src, dst = (st, st.dst) if fwd else (st.dst, st)
-        action = timewait.segment(flags, seq, ack, dlen, src.seqlo, src.wscale, dst.seqlo,
-                                  dst.max_win, dst.wscale)
+        action = timewait.segment(
+            flags, seq, ack, dlen, src.seqlo, src.wscale, dst.seqlo, dst.max_win, dst.wscale
+        )
         if action == timewait.PASS:
             src.traffic += PACKET + iplen
             st.expire = quantize(now + self.mslt.time_wait(stored_class(st.flags)))
@@ -202,14 +225,22 @@ class StateTable:
         """A segment for a VTW record: the same decisions as :meth:`_time_wait_segment`."""
         proto, key, flags, seq, ack, win, dlen, iplen, opt = pkt
         pool, slot, fwd = hit
-        if pool.expire[slot] + pool.base <= now * TICKS:        # exact: see vtw.TICKS
+        if pool.expire[slot] + pool.base <= now * TICKS:  # exact: see vtw.TICKS
             self.vtw.remove(pool, slot, RemoveReason.EXPIRED)
             return self._no_tcp_state(pkt, now)
         s = slot + slot if fwd else slot + slot + 1
         d = s ^ 1
-        action = timewait.segment(flags, seq, ack, dlen, pool.seqlo[s],
-                                  pool.peer[s] & WSCALE_BITS, pool.seqlo[d], pool.max_win[d],
-                                  pool.peer[d] & WSCALE_BITS)
+        action = timewait.segment(
+            flags,
+            seq,
+            ack,
+            dlen,
+            pool.seqlo[s],
+            pool.peer[s] & WSCALE_BITS,
+            pool.seqlo[d],
+            pool.max_win[d],
+            pool.peer[d] & WSCALE_BITS,
+        )
         if action == timewait.PASS:
             self.vtw.restart(pool, slot, quantize(now + self.mslt.time_wait(pool.cls)))
         elif action == timewait.CLOSE:
@@ -224,8 +255,9 @@ class StateTable:
 
     def _record_removed(self, pool: Pool, slot: int, reason: RemoveReason) -> None:
         if self._listener is not None:
-            self._listener(VestigialRemoved(pool.key(slot), pool.ids[slot],
-                                            pool.creator_of(slot), reason))
+            self._listener(
+                VestigialRemoved(pool.key(slot), pool.ids[slot], pool.creator_of(slot), reason)
+            )
 
     def _no_tcp_state(self, pkt: tuple, now: float) -> int:
         """A TCP segment whose TIME_WAIT connection just expired: as if none was found."""
@@ -246,7 +278,7 @@ class StateTable:
         self.vtw.enabled = enable
         if enable:
             waiting = [st for st in self._tcp.values() if st.timeout == tmo.TIME_WAIT]
-            for st in sorted(waiting, key=lambda st: st.expire):   # pools keep age order
+            for st in sorted(waiting, key=lambda st: st.expire):  # pools keep age order
                 if self.vtw.insert(st, stored_class(st.flags), st.expire):
                     self._unlink(st)
             return
@@ -266,8 +298,17 @@ class StateTable:
         self.blocked += 1
         return BLOCK
 
-    def _create_tcp(self, key: bytes, flags: int, seq: int, win: int, dlen: int, iplen: int,
-                    opt: int, now: float) -> int:
+    def _create_tcp(
+        self,
+        key: bytes,
+        flags: int,
+        seq: int,
+        win: int,
+        dlen: int,
+        iplen: int,
+        opt: int,
+        now: float,
+    ) -> int:
         st = self._new_state(key, 6, now)
         if st is None:
             return BLOCK
@@ -307,7 +348,7 @@ class StateTable:
         src.traffic += PACKET + iplen
         st.expire = now
         if proto == 1 or proto == 58:
-            st.timeout = tmo.ICMP_ERROR          # pf: any matching ICMP query or reply
+            st.timeout = tmo.ICMP_ERROR  # pf: any matching ICMP query or reply
         else:
             if src.state < SINGLE:
                 src.state = SINGLE
@@ -325,8 +366,13 @@ class StateTable:
         proto, key = quoted
         tab = self._by_proto.get(proto)
         rkey = keys.reverse(key)
-        if tab is not None and (key in tab or rkey in tab) or \
-                proto == 6 and self.vtw.live and self.vtw.find(key, rkey) is not None:
+        if (
+            tab is not None
+            and (key in tab or rkey in tab)
+            or proto == 6
+            and self.vtw.live
+            and self.vtw.find(key, rkey) is not None
+        ):
             self.passed += 1
             return PASS
         return self._mismatch()
@@ -432,8 +478,9 @@ class StateTable:
         for pool, slot in self.vtw.records():
             yield pool.view(slot)
 
-    def kill_vestigial(self, match: Callable[[Vestigial], bool],
-                       reason: RemoveReason = RemoveReason.KILLED) -> int:
+    def kill_vestigial(
+        self, match: Callable[[Vestigial], bool], reason: RemoveReason = RemoveReason.KILLED
+    ) -> int:
         """Remove the VTW records ``match`` accepts; returns how many."""
         victims = [(pool, slot) for pool, slot in self.vtw.records() if match(pool.view(slot))]
         for pool, slot in victims:
@@ -485,7 +532,7 @@ class StateTable:
         while maxcheck > 0:
             if pos >= len(queue):
                 if rebuilt:
-                    break               # one full sweep per call at most
+                    break  # one full sweep per call at most
                 queue = [st for tab in self._by_proto.values() for st in tab.values()]
                 pos, rebuilt = 0, True
             end = min(len(queue), pos + maxcheck)
@@ -506,14 +553,16 @@ class StateTable:
         """Remove one state on an operator's request."""
         self.remove(st, RemoveReason.KILLED)
 
-    def clear(self, creatorid: int | None = None, reason: RemoveReason = RemoveReason.FLUSHED
-              ) -> int:
+    def clear(
+        self, creatorid: int | None = None, reason: RemoveReason = RemoveReason.FLUSHED
+    ) -> int:
         """Remove every state and VTW record (of one creator, if given); returns how many."""
         victims = self.ids_for(creatorid) if creatorid is not None else list(self.states())
         for st in victims:
             self.remove(st, reason)
         records = self.kill_vestigial(
-            lambda rec: creatorid is None or rec.creatorid == creatorid, reason)
+            lambda rec: creatorid is None or rec.creatorid == creatorid, reason
+        )
         return len(victims) + records
 
     def clear_counters(self) -> None:

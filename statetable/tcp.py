@@ -12,10 +12,18 @@ normalisation, SACK-block checks (pf skips them too) and TCP timestamps.
 
 from __future__ import annotations
 
-from statetable.state import (CLOSING, ESTABLISHED, FIN_WAIT_2, SYN_SENT, TIME_WAIT, U16,
-                              WSCALE_FLAG, WSCALE_MASK, State)
-from statetable.timeouts import (TCP_CLOSED, TCP_CLOSING, TCP_ESTABLISHED, TCP_FINWAIT,
-                                 TCP_OPENING)
+from statetable.state import (
+    CLOSING,
+    ESTABLISHED,
+    FIN_WAIT_2,
+    SYN_SENT,
+    TIME_WAIT,
+    U16,
+    WSCALE_FLAG,
+    WSCALE_MASK,
+    State,
+)
+from statetable.timeouts import TCP_CLOSED, TCP_CLOSING, TCP_ESTABLISHED, TCP_FINWAIT, TCP_OPENING
 
 TH_FIN, TH_SYN, TH_RST, TH_ACK = 0x01, 0x02, 0x04, 0x10
 M = 0xFFFFFFFF
@@ -25,8 +33,9 @@ MAXACKWINDOW = 0xFFFF + 1500
 TCP_MAXWIN = 0xFFFF
 
 
-def track(st: State, fwd: bool, flags: int, seq: int, ack: int, win: int, dlen: int,
-          opt: int, now: float) -> bool:
+def track(
+    st: State, fwd: bool, flags: int, seq: int, ack: int, win: int, dlen: int, opt: int, now: float
+) -> bool:
     """Advance ``st`` with one segment; False means out of window (``state-mismatch``).
 
     ``fwd`` is True when the segment comes from the state's source (the initiator).
@@ -81,7 +90,7 @@ def track(st: State, fwd: bool, flags: int, seq: int, ack: int, win: int, dlen: 
         end &= M
 
     if not flags & TH_ACK:
-        ack = dst.seqlo                 # let it pass the ack-skew check
+        ack = dst.seqlo  # let it pass the ack-skew check
     elif (ack == 0 and flags & TH_RST) or dst.state < SYN_SENT:
         # Stacks send RST|ACK with ack 0, and FIN|ACK with an ack for a SYN never seen.
         ack = dst.seqlo
@@ -93,14 +102,20 @@ def track(st: State, fwd: bool, flags: int, seq: int, ack: int, win: int, dlen: 
 
     ackskew = ((dst.seqlo - ack + H) & M) - H
     seqlo = src.seqlo
-    if (((src.seqhi - data_end) & M) < H                                # inside their window
-            and ((seq - seqlo + (dst.max_win << dws)) & M) < H          # <= one window back
-            and -MAXACKWINDOW <= ackskew <= (MAXACKWINDOW << sws)       # ack within a window
-            and (not flags & TH_RST or orig_seq == seqlo                # exact-ish RST
-                 or orig_seq == ((seqlo + 1) & M) or ((orig_seq + 1) & M) == seqlo)):
+    if (
+        ((src.seqhi - data_end) & M) < H  # inside their window
+        and ((seq - seqlo + (dst.max_win << dws)) & M) < H  # <= one window back
+        and -MAXACKWINDOW <= ackskew <= (MAXACKWINDOW << sws)  # ack within a window
+        and (
+            not flags & TH_RST
+            or orig_seq == seqlo  # exact-ish RST
+            or orig_seq == ((seqlo + 1) & M)
+            or ((orig_seq + 1) & M) == seqlo
+        )
+    ):
         if src.max_win < win:
             src.max_win = U16[win]
-        if 0 < ((end - seqlo) & M) < H:                                  # SEQ_GT(end, seqlo)
+        if 0 < ((end - seqlo) & M) < H:  # SEQ_GT(end, seqlo)
             src.seqlo = end
         scaled = win << sws
         if ((ack + scaled - dst.seqhi) & M) < H:
@@ -130,9 +145,11 @@ def track(st: State, fwd: bool, flags: int, seq: int, ack: int, win: int, dlen: 
             st.timeout = TCP_ESTABLISHED
         return True
 
-    if ((dst.state < SYN_SENT or dst.state >= FIN_WAIT_2 or src.state >= FIN_WAIT_2)
-            and ((src.seqhi + MAXACKWINDOW - data_end) & M) < H
-            and ((seq - seqlo + MAXACKWINDOW) & M) < H):
+    if (
+        (dst.state < SYN_SENT or dst.state >= FIN_WAIT_2 or src.state >= FIN_WAIT_2)
+        and ((src.seqhi + MAXACKWINDOW - data_end) & M) < H
+        and ((seq - seqlo + MAXACKWINDOW) & M) < H
+    ):
         # Loose match: shotgunned SYNs, a stream picked up mid-way, or stray segments
         # right after close. Windows move, the timeout does not (so floods age out).
         if src.max_win < win:

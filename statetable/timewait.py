@@ -32,8 +32,17 @@ MAXACKWINDOW = 0xFFFF + 1500
 PASS, BLOCK, CLOSE, REOPEN = range(4)
 
 
-def segment(flags: int, seq: int, ack: int, dlen: int, src_seqlo: int, src_wscale: int,
-            dst_seqlo: int, dst_max_win: int, dst_wscale: int) -> int:
+def segment(
+    flags: int,
+    seq: int,
+    ack: int,
+    dlen: int,
+    src_seqlo: int,
+    src_wscale: int,
+    dst_seqlo: int,
+    dst_max_win: int,
+    dst_wscale: int,
+) -> int:
     """PASS, BLOCK, CLOSE or REOPEN for one segment from ``src`` to ``dst``."""
     if flags & _SYN_ONLY_MASK == TH_SYN:
         return REOPEN
@@ -43,13 +52,13 @@ def segment(flags: int, seq: int, ack: int, dlen: int, src_seqlo: int, src_wscal
         return BLOCK
     end = (seq + dlen + (flags & TH_FIN)) & M
     if ((src_seqlo - end) & M) >= H:
-        return BLOCK                                    # new sequence space: data after close
+        return BLOCK  # new sequence space: data after close
     if src_wscale and dst_wscale:
         sws, dws = src_wscale & WSCALE_MASK, dst_wscale & WSCALE_MASK
     else:
         sws = dws = 0
     if ((seq - src_seqlo + max(dst_max_win << dws, 1)) & M) >= H:
-        return BLOCK                                    # more than one window old
+        return BLOCK  # more than one window old
     if ((dst_seqlo - ack) & M) > (MAXACKWINDOW << sws):
-        return BLOCK                                    # acks unsent data, or far too old
+        return BLOCK  # acks unsent data, or far too old
     return PASS

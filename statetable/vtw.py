@@ -50,8 +50,8 @@ from __future__ import annotations
 
 import math
 from array import array
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -172,13 +172,13 @@ class Pool:
         self.cls = cls
         self.size = entries
         self.stats = stats
-        self.base = base                      # tick that stored expiries count from
+        self.base = base  # tick that stored expiries count from
         self.keylen = kl = 12 if af == 4 else 36
         self.mask = entries - 1
-        self.key_mask = self.mask             # buckets of the full-key hash, minus one
+        self.key_mask = self.mask  # buckets of the full-key hash, minus one
         index = "H" if entries <= 0x10000 else "I"
         self.keys = bytearray(entries * kl)
-        self._view = memoryview(self.keys)      # slices of it copy once, not twice
+        self._view = memoryview(self.keys)  # slices of it copy once, not twice
         self.ids = array("Q", [0]) * entries
         # creatorids are few (one per node of a mesh): a record keeps a 16-bit index into
         # this pool's list of them.
@@ -207,7 +207,7 @@ class Pool:
         self.older = array(index, zeros)
         # Live slots: the next newer record; free slots: the next free slot (1 -> 2 -> ...).
         self.newer = array(index, zeros)
-        self.newer[1:entries - 1] = array(index, range(2, entries))
+        self.newer[1 : entries - 1] = array(index, range(2, entries))
         self.free = 1
         self.oldest = self.newest = 0
         self.live = 0
@@ -220,9 +220,21 @@ class Pool:
     @property
     def nbytes(self) -> int:
         """Bytes of the pool's arrays."""
-        arrays = (self.ids, self.creator, self.seqlo, self.seqhi, self.max_win, self.peer,
-                  self.expire, self.key_heads, self.key_next, self.port_heads,
-                  self.port_next, self.older, self.newer)
+        arrays = (
+            self.ids,
+            self.creator,
+            self.seqlo,
+            self.seqhi,
+            self.max_win,
+            self.peer,
+            self.expire,
+            self.key_heads,
+            self.key_next,
+            self.port_heads,
+            self.port_next,
+            self.older,
+            self.newer,
+        )
         return len(self.keys) + len(self.tags) + sum(a.itemsize * len(a) for a in arrays)
 
     def fits(self, expire: float) -> bool:
@@ -237,7 +249,7 @@ class Pool:
 
     def _key_at(self, slot: int) -> bytes:
         o = slot * self.keylen
-        return bytes(self._view[o:o + self.keylen])
+        return bytes(self._view[o : o + self.keylen])
 
     def _port_bucket(self, key: bytes) -> int:
         # hash(initiator address) + port: no slicing of the port, and an initiator's
@@ -252,7 +264,7 @@ class Pool:
 
     def _link(self, slot: int, key: bytes) -> None:
         h = hash(key)
-        self.tags[slot] = h >> 56 & 0xFF        # high bits: the bucket uses the low ones
+        self.tags[slot] = h >> 56 & 0xFF  # high bits: the bucket uses the low ones
         bucket = h & self.key_mask
         self.key_next[slot] = self.key_heads[bucket]
         self.key_heads[bucket] = slot
@@ -283,7 +295,7 @@ class Pool:
         h = hash(key)
         i = self.key_heads[h & self.key_mask]
         if not i:
-            stats.look += 1                     # the common case: an empty bucket
+            stats.look += 1  # the common case: an empty bucket
             stats.miss += 1
             return 0
         tag = h >> 56 & 0xFF
@@ -296,13 +308,13 @@ class Pool:
             probes += 1
             if tags[i] == tag:
                 o = i * kl
-                if buf[o:o + kl] == key:
+                if buf[o : o + kl] == key:
                     stats._lookup_done(True, probes, losses)
                     return i
-                losses += 1                     # the tag matched, the key did not
+                losses += 1  # the tag matched, the key did not
             i = links[i]
         stats._lookup_done(False, probes, losses)
-        if probes > stats.max_chain:            # a miss walked the whole chain
+        if probes > stats.max_chain:  # a miss walked the whole chain
             stats.max_chain = probes
         return 0
 
@@ -321,14 +333,14 @@ class Pool:
         while i:
             probes += 1
             o = i * kl
-            if buf[o:o + n] == addr and buf[o + n + n:o + n + n + 2] == want[n:]:
+            if buf[o : o + n] == addr and buf[o + n + n : o + n + n + 2] == want[n:]:
                 found.append(i)
             else:
                 losses += 1
             i = links[i]
         stats = self.stats.port
         stats._lookup_done(bool(found), probes, losses)
-        if probes > stats.max_chain:            # a port lookup always walks the chain
+        if probes > stats.max_chain:  # a port lookup always walks the chain
             stats.max_chain = probes
         return found
 
@@ -394,7 +406,7 @@ class Pool:
         self.live += 1
         key = st.key
         o = slot * self.keylen
-        self.keys[o:o + self.keylen] = key
+        self.keys[o : o + self.keylen] = key
         self.ids[slot] = st.id
         self.creator[slot] = creator
         s = slot + slot
@@ -405,8 +417,9 @@ class Pool:
         self.seqhi[s + 1] = d.seqhi
         self.max_win[s] = st.max_win
         self.max_win[s + 1] = d.max_win
-        self.peer[s] = st.wscale | (st.state == TIME_WAIT) << 4 | \
-            (st.flags & FLAG_NOSYNC and PEER_NOSYNC)
+        self.peer[s] = (
+            st.wscale | (st.state == TIME_WAIT) << 4 | (st.flags & FLAG_NOSYNC and PEER_NOSYNC)
+        )
         self.peer[s + 1] = d.wscale | (d.state == TIME_WAIT) << 4
         self.expire[slot] = int(expire * TICKS) - self.base
         self._link(slot, key)
@@ -428,7 +441,7 @@ class Pool:
     def expire_due(self, now: float, on_remove: OnRemove) -> int:
         """Free records due at ``now``, from the oldest; returns how many."""
         freed = 0
-        due = now * TICKS - self.base           # exact: TICKS is a power of two
+        due = now * TICKS - self.base  # exact: TICKS is a power of two
         expire = self.expire
         while self.oldest and expire[self.oldest] <= due:
             slot = self.oldest
@@ -462,10 +475,25 @@ class Pool:
     def view(self, slot: int) -> Vestigial:
         """A copy of a record."""
         s = slot + slot
-        peers = [PeerView(self._peer_state(i), self.seqlo[i], self.seqhi[i], self.max_win[i],
-                          self.peer[i] & WSCALE_BITS) for i in (s, s + 1)]
-        return Vestigial(self._key_at(slot), self.ids[slot], self.creator_of(slot), peers[0],
-                         peers[1], self.expire_at(slot), self.cls)
+        peers = [
+            PeerView(
+                self._peer_state(i),
+                self.seqlo[i],
+                self.seqhi[i],
+                self.max_win[i],
+                self.peer[i] & WSCALE_BITS,
+            )
+            for i in (s, s + 1)
+        ]
+        return Vestigial(
+            self._key_at(slot),
+            self.ids[slot],
+            self.creator_of(slot),
+            peers[0],
+            peers[1],
+            self.expire_at(slot),
+            self.cls,
+        )
 
     def to_state(self, slot: int) -> State:
         """A full State rebuilt from a record (traffic counters are not kept: zero).
@@ -534,7 +562,7 @@ class Vtw:
             if pool.fits(when):
                 self.live += 1
                 pool.insert(old.to_state(slot), when, -math.inf, self.on_remove)
-                self.stats.ins -= 1            # moving is not inserting
+                self.stats.ins -= 1  # moving is not inserting
             else:
                 self.on_remove(old, slot, RemoveReason.EXPIRED)
                 self.stats.dels += 1
@@ -555,8 +583,12 @@ class Vtw:
     def find_port(self, addr: bytes, port: int) -> list[tuple[Pool, int]]:
         """Records whose initiator is ``addr:port``, in every pool of that family."""
         af = 4 if len(addr) == 4 else 6
-        return [(pool, slot) for pool in self._by_af[af] if pool.live
-                for slot in pool.lookup_port(addr, port)]
+        return [
+            (pool, slot)
+            for pool in self._by_af[af]
+            if pool.live
+            for slot in pool.lookup_port(addr, port)
+        ]
 
     def remove(self, pool: Pool, slot: int, reason: RemoveReason) -> None:
         """Free one live record, telling ``on_remove`` first."""
@@ -569,7 +601,7 @@ class Vtw:
         if not pool.fits(expire):
             key = pool.key(slot)
             pool = self._rebuild(pool, expire)
-            slot = pool.lookup(key)             # found: it was not due, so it moved
+            slot = pool.lookup(key)  # found: it was not due, so it moved
         if slot:
             pool.restart(slot, expire)
 
@@ -612,12 +644,14 @@ class Vtw:
             for slot in pool.slots():
                 self.insert(pool.to_state(slot), pool.cls, pool.expire_at(slot))
                 moved += 1
-        self.stats.ins -= moved            # moving is not inserting
+        self.stats.ins -= moved  # moving is not inserting
 
     def usage(self) -> list[tuple[str, int, int, int, int]]:
         """Per pool: (family/class name, in use, free, capacity, bytes)."""
-        return [(f"ipv{af} {CLASS_NAMES[cls]}", p.live, p.capacity - p.live, p.capacity,
-                 p.nbytes) for (af, cls), p in sorted(self.pools.items())]
+        return [
+            (f"ipv{af} {CLASS_NAMES[cls]}", p.live, p.capacity - p.live, p.capacity, p.nbytes)
+            for (af, cls), p in sorted(self.pools.items())
+        ]
 
 
 def _ignore(pool: Pool, slot: int, reason: RemoveReason) -> None:

@@ -28,11 +28,31 @@ def tcp_options(mss: int | None = None, wscale: int | None = None) -> bytes:
     return out
 
 
-def tcp(src: str, dst: str, sport: int, dport: int, flags: int, seq: int = 0, ack: int = 0,
-        win: int = 65535, payload: bytes = b"", options: bytes = b"") -> bytes:
+def tcp(
+    src: str,
+    dst: str,
+    sport: int,
+    dport: int,
+    flags: int,
+    seq: int = 0,
+    ack: int = 0,
+    win: int = 65535,
+    payload: bytes = b"",
+    options: bytes = b"",
+) -> bytes:
     """An Ethernet frame with a TCP segment."""
-    hdr = struct.pack("!HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF,
-                      (5 + len(options) // 4) << 4, flags, win, 0, 0)
+    hdr = struct.pack(
+        "!HHIIBBHHH",
+        sport,
+        dport,
+        seq & 0xFFFFFFFF,
+        ack & 0xFFFFFFFF,
+        (5 + len(options) // 4) << 4,
+        flags,
+        win,
+        0,
+        0,
+    )
     return ip(src, dst, 6, hdr + options + payload)
 
 
@@ -63,8 +83,12 @@ def ip_packet(src: str, dst: str, proto: int, l4: bytes) -> bytes:
     """A bare IPv4 or IPv6 packet."""
     if ":" in src:
         return struct.pack("!IHBB", 6 << 28, len(l4), proto, 64) + _ip(src) + _ip(dst) + l4
-    return struct.pack("!BBHHHBBH", 0x45, 0, 20 + len(l4), 0, 0, 64, proto, 0) \
-        + _ip(src) + _ip(dst) + l4
+    return (
+        struct.pack("!BBHHHBBH", 0x45, 0, 20 + len(l4), 0, 0, 64, proto, 0)
+        + _ip(src)
+        + _ip(dst)
+        + l4
+    )
 
 
 def eth(packet: bytes, v6: bool = False) -> bytes:

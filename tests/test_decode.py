@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -42,8 +42,16 @@ def key(src: str, dst: str, sport: int, dport: int) -> bytes:
     return addr(src) + addr(dst) + struct.pack("!HH", sport, dport)
 
 
-def tcp_header(sport: int, dport: int, flags: int, seq: int = 0, ack: int = 0,
-               win: int = 65535, options: bytes = b"", doff: int | None = None) -> bytes:
+def tcp_header(
+    sport: int,
+    dport: int,
+    flags: int,
+    seq: int = 0,
+    ack: int = 0,
+    win: int = 65535,
+    options: bytes = b"",
+    doff: int | None = None,
+) -> bytes:
     """A bare TCP header (``doff`` overrides the data offset, in 32-bit words)."""
     off = (5 + len(options) // 4) if doff is None else doff
     return struct.pack("!HHIIBBHHH", sport, dport, seq, ack, off << 4, flags, win, 0, 0) + options
@@ -53,18 +61,37 @@ def udp_header(sport: int, dport: int, payload: bytes = b"") -> bytes:
     return struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
 
 
-def ipv4(src: str, dst: str, proto: int, l4: bytes, options: bytes = b"", frag: int = 0,
-         total: int | None = None, ihl: int | None = None) -> bytes:
+def ipv4(
+    src: str,
+    dst: str,
+    proto: int,
+    l4: bytes,
+    options: bytes = b"",
+    frag: int = 0,
+    total: int | None = None,
+    ihl: int | None = None,
+) -> bytes:
     """An IPv4 packet; ``frag`` is the raw flags+offset field; ``options`` sets ihl > 5."""
     assert len(options) % 4 == 0
     hl = 5 + len(options) // 4 if ihl is None else ihl
     length = 20 + len(options) + len(l4) if total is None else total
-    return struct.pack("!BBHHHBBH", 0x40 | hl, 0, length, 0x1234, frag, 64, proto, 0) \
-        + addr(src) + addr(dst) + options + l4
+    return (
+        struct.pack("!BBHHHBBH", 0x40 | hl, 0, length, 0x1234, frag, 64, proto, 0)
+        + addr(src)
+        + addr(dst)
+        + options
+        + l4
+    )
 
 
-def ipv6(src: str, dst: str, chain: list[tuple[int, bytes]], proto: int, l4: bytes,
-         plen: int | None = None) -> bytes:
+def ipv6(
+    src: str,
+    dst: str,
+    chain: list[tuple[int, bytes]],
+    proto: int,
+    l4: bytes,
+    plen: int | None = None,
+) -> bytes:
     """An IPv6 packet with extension headers ``chain``: (header type, header bytes after
     the next-header byte). Each header's next-header byte is filled in here."""
     types = [t for t, _ in chain] + [proto]
@@ -77,7 +104,7 @@ def ipv6(src: str, dst: str, chain: list[tuple[int, bytes]], proto: int, l4: byt
 def ext_options(units: int) -> bytes:
     """Body (after next-header) of a hop-by-hop/dest-opts header of (units + 1) * 8 bytes."""
     size = (units + 1) * 8
-    return bytes([units]) + bytes([1, size - 4]) + b"\0" * (size - 4)   # one PadN option
+    return bytes([units]) + bytes([1, size - 4]) + b"\0" * (size - 4)  # one PadN option
 
 
 def ext_routing() -> bytes:
@@ -154,17 +181,34 @@ LINKS: tuple[Link, ...] = (
     Link("sll2", 276, link_sll2),
     Link("null-le-af2", 0, lambda p, v6: null_header(2, True) + p, v6=False),
     Link("null-be-af2", 0, lambda p, v6: null_header(2, False) + p, v6=False),
-    *(Link(f"null-le-af{af}", 0, (lambda af: lambda p, v6: null_header(af, True) + p)(af),
-           v4=False) for af in (24, 28, 30)),
-    *(Link(f"null-be-af{af}", 0, (lambda af: lambda p, v6: null_header(af, False) + p)(af),
-           v4=False) for af in (24, 28, 30)),
+    *(
+        Link(f"null-le-af{af}", 0, lambda p, v6, af=af: null_header(af, True) + p, v4=False)
+        for af in (24, 28, 30)
+    ),
+    *(
+        Link(
+            f"null-be-af{af}",
+            0,
+            lambda p, v6, af=af: null_header(af, False) + p,
+            v4=False,
+        )
+        for af in (24, 28, 30)
+    ),
     Link("loop-af2", 108, lambda p, v6: null_header(2, False) + p, v6=False),
     Link("loop-af24", 108, lambda p, v6: null_header(24, False) + p, v4=False),
     Link("loop-af28", 108, lambda p, v6: null_header(28, False) + p, v4=False),
     Link("loop-af30", 108, lambda p, v6: null_header(30, False) + p, v4=False),
 )
-LINK_HEADER = {"ethernet": 14, "vlan": 18, "qinq": 22, "raw101": 0, "ipv4-228": 0,
-               "ipv6-229": 0, "sll": 16, "sll2": 20}
+LINK_HEADER = {
+    "ethernet": 14,
+    "vlan": 18,
+    "qinq": 22,
+    "raw101": 0,
+    "ipv4-228": 0,
+    "ipv6-229": 0,
+    "sll": 16,
+    "sll2": 20,
+}
 
 
 def link_len(link: Link) -> int:
@@ -179,8 +223,8 @@ class Case:
     packet: bytes
     v6: bool
     expected: tuple
-    need: int           # bytes (from the IP header) below which the result is PFRES_SHORT
-    full: int           # bytes from which the result is exactly ``expected``
+    need: int  # bytes (from the IP header) below which the result is PFRES_SHORT
+    full: int  # bytes from which the result is exactly ``expected``
 
 
 def _cases() -> list[Case]:
@@ -188,74 +232,203 @@ def _cases() -> list[Case]:
     # TCP SYN with MSS + wscale over IPv4; opt visible only once the options are there.
     opts = packets.tcp_options(mss=1460, wscale=7)
     l4 = tcp_header(40000, 443, SYN, seq=0xDEADBEEF, win=29200, options=opts)
-    out.append(Case("tcp4-syn", ipv4(A4, B4, 6, l4), False,
-                    (6, key(A4, B4, 40000, 443), SYN, 0xDEADBEEF, 0, 29200, 0, 20 + len(l4),
-                     0x87), 20 + 20, 20 + len(l4)))
+    out.append(
+        Case(
+            "tcp4-syn",
+            ipv4(A4, B4, 6, l4),
+            False,
+            (6, key(A4, B4, 40000, 443), SYN, 0xDEADBEEF, 0, 29200, 0, 20 + len(l4), 0x87),
+            20 + 20,
+            20 + len(l4),
+        )
+    )
     # TCP data segment over IPv4 with IP options (ihl = 7).
     l4 = tcp_header(443, 40000, ACK | PSH, seq=7, ack=0xDEADBEF0, win=501) + b"x" * 100
-    ipopts = b"\x94\x04\x00\x00" + b"\x01\x01\x01\x00"    # router alert, NOPs, EOL
-    out.append(Case("tcp4-ipopts", ipv4(B4, A4, 6, l4, options=ipopts), False,
-                    (6, key(B4, A4, 443, 40000), ACK | PSH, 7, 0xDEADBEF0, 501, 100, 28 + len(l4),
-                     0), 28 + 20, 28 + 20))
+    ipopts = b"\x94\x04\x00\x00" + b"\x01\x01\x01\x00"  # router alert, NOPs, EOL
+    out.append(
+        Case(
+            "tcp4-ipopts",
+            ipv4(B4, A4, 6, l4, options=ipopts),
+            False,
+            (6, key(B4, A4, 443, 40000), ACK | PSH, 7, 0xDEADBEF0, 501, 100, 28 + len(l4), 0),
+            28 + 20,
+            28 + 20,
+        )
+    )
     # UDP over IPv4.
     l4 = udp_header(5353, 53, b"q" * 33)
-    out.append(Case("udp4", ipv4(A4, B4, 17, l4), False,
-                    (17, key(A4, B4, 5353, 53), 0, 0, 0, 0, 33, 20 + len(l4), 0), 28, 28))
+    out.append(
+        Case(
+            "udp4",
+            ipv4(A4, B4, 17, l4),
+            False,
+            (17, key(A4, B4, 5353, 53), 0, 0, 0, 0, 33, 20 + len(l4), 0),
+            28,
+            28,
+        )
+    )
     # ICMP echo request/reply: the id is both "ports".
-    out.append(Case("icmp4-echo", ipv4(A4, B4, 1, echo(8, 0xBEEF) + b"p" * 8), False,
-                    (1, key(A4, B4, 0xBEEF, 0xBEEF), 8, 0, 0, 0, 8, 36, None), 28, 28))
-    out.append(Case("icmp4-echo-reply", ipv4(B4, A4, 1, echo(0, 0xBEEF)), False,
-                    (1, key(B4, A4, 0xBEEF, 0xBEEF), 0, 0, 0, 0, 0, 28, None), 28, 28))
+    out.append(
+        Case(
+            "icmp4-echo",
+            ipv4(A4, B4, 1, echo(8, 0xBEEF) + b"p" * 8),
+            False,
+            (1, key(A4, B4, 0xBEEF, 0xBEEF), 8, 0, 0, 0, 8, 36, None),
+            28,
+            28,
+        )
+    )
+    out.append(
+        Case(
+            "icmp4-echo-reply",
+            ipv4(B4, A4, 1, echo(0, 0xBEEF)),
+            False,
+            (1, key(B4, A4, 0xBEEF, 0xBEEF), 0, 0, 0, 0, 0, 28, None),
+            28,
+            28,
+        )
+    )
     # ICMP errors quoting TCP, UDP and an echo request (with IP options in the quote).
     quoted = ipv4(A4, B4, 6, tcp_header(40000, 443, SYN, seq=1))[:28]
-    out.append(Case("icmp4-unreach-tcp", ipv4(R4, A4, 1, icmp4(3, 1, body=quoted)), False,
-                    (1, key(R4, A4, 0, 0), 3, 1, 0, 0, 28, 56, (6, key(A4, B4, 40000, 443))),
-                    20 + 8 + 20 + 4, 20 + 8 + 20 + 4))
+    out.append(
+        Case(
+            "icmp4-unreach-tcp",
+            ipv4(R4, A4, 1, icmp4(3, 1, body=quoted)),
+            False,
+            (1, key(R4, A4, 0, 0), 3, 1, 0, 0, 28, 56, (6, key(A4, B4, 40000, 443))),
+            20 + 8 + 20 + 4,
+            20 + 8 + 20 + 4,
+        )
+    )
     quoted = ipv4(A4, B4, 17, udp_header(5353, 53), options=b"\x01\x01\x01\x01")
-    out.append(Case("icmp4-timex-udp-ipopts", ipv4(R4, A4, 1, icmp4(11, 0, body=quoted)), False,
-                    (1, key(R4, A4, 0, 0), 11, 0, 0, 0, 32, 60, (17, key(A4, B4, 5353, 53))),
-                    20 + 8 + 24 + 4, 20 + 8 + 24 + 4))
+    out.append(
+        Case(
+            "icmp4-timex-udp-ipopts",
+            ipv4(R4, A4, 1, icmp4(11, 0, body=quoted)),
+            False,
+            (1, key(R4, A4, 0, 0), 11, 0, 0, 0, 32, 60, (17, key(A4, B4, 5353, 53))),
+            20 + 8 + 24 + 4,
+            20 + 8 + 24 + 4,
+        )
+    )
     quoted = ipv4(A4, B4, 1, echo(8, 0x0102))
-    out.append(Case("icmp4-unreach-echo", ipv4(R4, A4, 1, icmp4(3, 3, body=quoted)), False,
-                    (1, key(R4, A4, 0, 0), 3, 3, 0, 0, 28, 56, (1, key(A4, B4, 0x0102, 0x0102))),
-                    20 + 8 + 20 + 6, 20 + 8 + 20 + 6))
+    out.append(
+        Case(
+            "icmp4-unreach-echo",
+            ipv4(R4, A4, 1, icmp4(3, 3, body=quoted)),
+            False,
+            (1, key(R4, A4, 0, 0), 3, 3, 0, 0, 28, 56, (1, key(A4, B4, 0x0102, 0x0102))),
+            20 + 8 + 20 + 6,
+            20 + 8 + 20 + 6,
+        )
+    )
     # "Other" protocol: GRE.
-    out.append(Case("gre4", ipv4(A4, B4, 47, b"\0\0\x08\x00" + b"g" * 20), False,
-                    (47, key(A4, B4, 0, 0), 0, 0, 0, 0, 24, 44, None), 20, 20))
+    out.append(
+        Case(
+            "gre4",
+            ipv4(A4, B4, 47, b"\0\0\x08\x00" + b"g" * 20),
+            False,
+            (47, key(A4, B4, 0, 0), 0, 0, 0, 0, 24, 44, None),
+            20,
+            20,
+        )
+    )
     # A first IPv4 fragment (MF, offset 0) decodes.
     l4 = udp_header(1000, 2000, b"f" * 40)
-    out.append(Case("udp4-first-fragment", ipv4(A4, B4, 17, l4, frag=0x2000), False,
-                    (17, key(A4, B4, 1000, 2000), 0, 0, 0, 0, 40, 68, 0), 28, 28))
+    out.append(
+        Case(
+            "udp4-first-fragment",
+            ipv4(A4, B4, 17, l4, frag=0x2000),
+            False,
+            (17, key(A4, B4, 1000, 2000), 0, 0, 0, 0, 40, 68, 0),
+            28,
+            28,
+        )
+    )
 
     # IPv6: TCP through hop-by-hop, routing, destination options and a first fragment.
     l4 = tcp_header(50000, 22, SYN, seq=99, win=64800, options=packets.tcp_options(1440, 20))
-    chain = [(HOP_BY_HOP, ext_options(0)), (ROUTING, ext_routing()),
-             (DEST_OPTS, ext_options(1)), (FRAGMENT, ext_fragment(0, True))]
+    chain = [
+        (HOP_BY_HOP, ext_options(0)),
+        (ROUTING, ext_routing()),
+        (DEST_OPTS, ext_options(1)),
+        (FRAGMENT, ext_fragment(0, True)),
+    ]
     extlen = 8 + 24 + 16 + 8
-    out.append(Case("tcp6-exthdrs", ipv6(A6, B6, chain, 6, l4), True,
-                    (6, key(A6, B6, 50000, 22), SYN, 99, 0, 64800, 0, 40 + extlen + len(l4),
-                     0x80 | 14), 40 + extlen + 20, 40 + extlen + len(l4)))
+    out.append(
+        Case(
+            "tcp6-exthdrs",
+            ipv6(A6, B6, chain, 6, l4),
+            True,
+            (6, key(A6, B6, 50000, 22), SYN, 99, 0, 64800, 0, 40 + extlen + len(l4), 0x80 | 14),
+            40 + extlen + 20,
+            40 + extlen + len(l4),
+        )
+    )
     l4 = udp_header(546, 547, b"d" * 10)
-    out.append(Case("udp6-ah", ipv6(A6, B6, [(AUTH, ext_auth(4))], 17, l4), True,
-                    (17, key(A6, B6, 546, 547), 0, 0, 0, 0, 10, 40 + 24 + 18, 0),
-                    40 + 24 + 8, 40 + 24 + 8))
-    out.append(Case("icmp6-echo", ipv6(A6, B6, [], 58, echo(128, 4242) + b"e" * 16), True,
-                    (58, key(A6, B6, 4242, 4242), 128, 0, 0, 0, 16, 40 + 24, None), 48, 48))
-    out.append(Case("icmp6-echo-reply", ipv6(B6, A6, [], 58, echo(129, 4242)), True,
-                    (58, key(B6, A6, 4242, 4242), 129, 0, 0, 0, 0, 48, None), 48, 48))
+    out.append(
+        Case(
+            "udp6-ah",
+            ipv6(A6, B6, [(AUTH, ext_auth(4))], 17, l4),
+            True,
+            (17, key(A6, B6, 546, 547), 0, 0, 0, 0, 10, 40 + 24 + 18, 0),
+            40 + 24 + 8,
+            40 + 24 + 8,
+        )
+    )
+    out.append(
+        Case(
+            "icmp6-echo",
+            ipv6(A6, B6, [], 58, echo(128, 4242) + b"e" * 16),
+            True,
+            (58, key(A6, B6, 4242, 4242), 128, 0, 0, 0, 16, 40 + 24, None),
+            48,
+            48,
+        )
+    )
+    out.append(
+        Case(
+            "icmp6-echo-reply",
+            ipv6(B6, A6, [], 58, echo(129, 4242)),
+            True,
+            (58, key(B6, A6, 4242, 4242), 129, 0, 0, 0, 0, 48, None),
+            48,
+            48,
+        )
+    )
     quoted = ipv6(A6, B6, [], 6, tcp_header(50000, 22, ACK, seq=5))[:48]
-    out.append(Case("icmp6-unreach-tcp", ipv6(R6, A6, [], 58, icmp4(1, 4, body=quoted)), True,
-                    (58, key(R6, A6, 0, 0), 1, 4, 0, 0, 48, 96, (6, key(A6, B6, 50000, 22))),
-                    40 + 8 + 44, 40 + 8 + 44))
+    out.append(
+        Case(
+            "icmp6-unreach-tcp",
+            ipv6(R6, A6, [], 58, icmp4(1, 4, body=quoted)),
+            True,
+            (58, key(R6, A6, 0, 0), 1, 4, 0, 0, 48, 96, (6, key(A6, B6, 50000, 22))),
+            40 + 8 + 44,
+            40 + 8 + 44,
+        )
+    )
     quoted = ipv6(A6, B6, [(HOP_BY_HOP, ext_options(0))], 17, udp_header(7, 9))
-    out.append(Case("icmp6-toobig-udp-hbh", ipv6(R6, A6, [], 58, icmp4(2, 0, b"\0\0\x05\x00",
-                                                                          quoted)), True,
-                    (58, key(R6, A6, 0, 0), 2, 0, 0, 0, 56, 104, (17, key(A6, B6, 7, 9))),
-                    40 + 8 + 48 + 4, 40 + 8 + 48 + 4))
+    out.append(
+        Case(
+            "icmp6-toobig-udp-hbh",
+            ipv6(R6, A6, [], 58, icmp4(2, 0, b"\0\0\x05\x00", quoted)),
+            True,
+            (58, key(R6, A6, 0, 0), 2, 0, 0, 0, 56, 104, (17, key(A6, B6, 7, 9))),
+            40 + 8 + 48 + 4,
+            40 + 8 + 48 + 4,
+        )
+    )
     quoted = ipv6(A6, B6, [], 58, echo(128, 77))
-    out.append(Case("icmp6-timex-echo", ipv6(R6, A6, [], 58, icmp4(3, 0, body=quoted)), True,
-                    (58, key(R6, A6, 0, 0), 3, 0, 0, 0, 48, 96, (58, key(A6, B6, 77, 77))),
-                    40 + 8 + 46, 40 + 8 + 46))
+    out.append(
+        Case(
+            "icmp6-timex-echo",
+            ipv6(R6, A6, [], 58, icmp4(3, 0, body=quoted)),
+            True,
+            (58, key(R6, A6, 0, 0), 3, 0, 0, 0, 48, 96, (58, key(A6, B6, 77, 77))),
+            40 + 8 + 46,
+            40 + 8 + 46,
+        )
+    )
     return out
 
 
@@ -264,8 +437,7 @@ CASE_IDS = [c.name for c in CASES]
 
 
 def link_cases() -> list[tuple[Link, Case]]:
-    return [(link, case) for link in LINKS for case in CASES
-            if (link.v6 if case.v6 else link.v4)]
+    return [(link, case) for link in LINKS for case in CASES if (link.v6 if case.v6 else link.v4)]
 
 
 LINK_CASES = link_cases()
@@ -293,6 +465,7 @@ def assert_decoder_result(result: object) -> None:
 
 # ---- every link type ------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(("link", "case"), LINK_CASES, ids=LINK_CASE_IDS)
 def test_every_link_type_decodes_every_packet(link: Link, case: Case) -> None:
     assert decode_frame(frame_of(link, case), link.linktype) == case.expected
@@ -300,12 +473,17 @@ def test_every_link_type_decodes_every_packet(link: Link, case: Case) -> None:
 
 # Truncation: every packet on Ethernet, and two packets (v4, v6) on every link type.
 TRUNCATION_CASES = [(LINKS[0], case) for case in CASES] + [
-    (link, case) for link, case in LINK_CASES
-    if link is not LINKS[0] and case.name in ("tcp4-syn", "tcp6-exthdrs")]
+    (link, case)
+    for link, case in LINK_CASES
+    if link is not LINKS[0] and case.name in ("tcp4-syn", "tcp6-exthdrs")
+]
 
 
-@pytest.mark.parametrize(("link", "case"), TRUNCATION_CASES,
-                         ids=[f"{link.name}-{case.name}" for link, case in TRUNCATION_CASES])
+@pytest.mark.parametrize(
+    ("link", "case"),
+    TRUNCATION_CASES,
+    ids=[f"{link.name}-{case.name}" for link, case in TRUNCATION_CASES],
+)
 def test_truncated_frames_at_every_length(link: Link, case: Case) -> None:
     frame = frame_of(link, case)
     head = link_len(link)
@@ -338,17 +516,24 @@ def test_ethernet_padding_is_not_payload() -> None:
 def test_non_ip_frames() -> None:
     arp = b"\xff" * 6 + b"\x02" * 6 + b"\x08\x06" + b"\0" * 28
     assert decode_frame(arp, 1) == NOT_IP
-    assert decode_frame(link_sll(b"\0" * 28, False)[:14] + b"\x08\x06" + b"\0" * 28, 113) \
-        == NOT_IP
+    assert decode_frame(link_sll(b"\0" * 28, False)[:14] + b"\x08\x06" + b"\0" * 28, 113) == NOT_IP
     assert decode_frame(null_header(7, True) + b"\x45" + b"\0" * 40, 0) == NOT_IP
-    assert decode_frame(b"\x55" + b"\0" * 40, 101) == NOT_IP              # IP version 5
+    assert decode_frame(b"\x55" + b"\0" * 40, 101) == NOT_IP  # IP version 5
     assert decode_frame(packets.eth(b"\x60" + b"\0" * 40), 1) == NOT_IP  # v6 in a v4 ethertype
-    assert decode_frame(packets.udp(A4, B4, 1, 2), 147) == NOT_IP         # unknown link type
+    assert decode_frame(packets.udp(A4, B4, 1, 2), 147) == NOT_IP  # unknown link type
 
 
 def test_short_link_headers() -> None:
-    for linktype, minimum in ((1, 14), (113, 16), (276, 20), (0, 4), (108, 4), (101, 1),
-                              (228, 1), (229, 1)):
+    for linktype, minimum in (
+        (1, 14),
+        (113, 16),
+        (276, 20),
+        (0, 4),
+        (108, 4),
+        (101, 1),
+        (228, 1),
+        (229, 1),
+    ):
         for n in range(minimum):
             assert decode_frame(b"\0" * n, linktype) == PFRES_SHORT, (linktype, n)
     # A VLAN tag cut short.
@@ -356,6 +541,7 @@ def test_short_link_headers() -> None:
 
 
 # ---- IPv4 ---------------------------------------------------------------------------------
+
 
 def test_ipv4_header_length_below_five_words_is_bad_offset() -> None:
     pkt = ipv4(A4, B4, 17, udp_header(1, 2), ihl=4)
@@ -399,20 +585,40 @@ def test_ipv4_total_length_too_small_for_transport_header_is_short() -> None:
 
 # ---- IPv6 extension headers ---------------------------------------------------------------
 
-@pytest.mark.parametrize("chain", [
-    [(HOP_BY_HOP, ext_options(0))],
-    [(ROUTING, ext_routing())],
-    [(DEST_OPTS, ext_options(3))],
-    [(FRAGMENT, ext_fragment(0, True))],
-    [(AUTH, ext_auth(6))],
-    [(HOP_BY_HOP, ext_options(1)), (DEST_OPTS, ext_options(0)), (ROUTING, ext_routing()),
-     (FRAGMENT, ext_fragment(0, True)), (AUTH, ext_auth(4)), (DEST_OPTS, ext_options(0))],
-], ids=["hbh", "routing", "dstopts", "frag0", "ah", "all"])
+
+@pytest.mark.parametrize(
+    "chain",
+    [
+        [(HOP_BY_HOP, ext_options(0))],
+        [(ROUTING, ext_routing())],
+        [(DEST_OPTS, ext_options(3))],
+        [(FRAGMENT, ext_fragment(0, True))],
+        [(AUTH, ext_auth(6))],
+        [
+            (HOP_BY_HOP, ext_options(1)),
+            (DEST_OPTS, ext_options(0)),
+            (ROUTING, ext_routing()),
+            (FRAGMENT, ext_fragment(0, True)),
+            (AUTH, ext_auth(4)),
+            (DEST_OPTS, ext_options(0)),
+        ],
+    ],
+    ids=["hbh", "routing", "dstopts", "frag0", "ah", "all"],
+)
 def test_ipv6_extension_headers_are_skipped(chain: list[tuple[int, bytes]]) -> None:
     l4 = tcp_header(1111, 2222, ACK | FIN, seq=5, ack=6, win=7) + b"0123456789"
     pkt = ipv6(A6, B6, chain, 6, l4)
-    assert decode_frame(pkt, 229) == (6, key(A6, B6, 1111, 2222), ACK | FIN, 5, 6, 7, 10,
-                                      len(pkt), 0)
+    assert decode_frame(pkt, 229) == (
+        6,
+        key(A6, B6, 1111, 2222),
+        ACK | FIN,
+        5,
+        6,
+        7,
+        10,
+        len(pkt),
+        0,
+    )
 
 
 @pytest.mark.parametrize("offset", [1, 185, 8191])
@@ -452,15 +658,26 @@ def test_ipv6_payload_length_too_small_for_transport_is_short() -> None:
 
 # ---- TCP header and options ---------------------------------------------------------------
 
+
 def syn_opt(options: bytes, flags: int = SYN) -> int:
     got = decode_frame(ipv4(A4, B4, 6, tcp_header(1, 2, flags, options=options)), 101)
     assert isinstance(got, tuple)
     return got[8]
 
 
-@pytest.mark.parametrize(("shift", "expected"), [
-    (0, 0x80), (1, 0x81), (7, 0x87), (13, 0x8D), (14, 0x8E), (15, 0x8E), (200, 0x8E), (255, 0x8E),
-])
+@pytest.mark.parametrize(
+    ("shift", "expected"),
+    [
+        (0, 0x80),
+        (1, 0x81),
+        (7, 0x87),
+        (13, 0x8D),
+        (14, 0x8E),
+        (15, 0x8E),
+        (200, 0x8E),
+        (255, 0x8E),
+    ],
+)
 def test_syn_window_scale_is_flagged_and_capped_at_14(shift: int, expected: int) -> None:
     assert syn_opt(packets.tcp_options(wscale=shift)) == expected
     assert syn_opt(packets.tcp_options(mss=1460, wscale=shift), SYN | ACK) == expected
@@ -481,13 +698,13 @@ def test_window_scale_on_a_non_syn_segment_is_ignored() -> None:
 
 def test_window_scale_option_walk() -> None:
     ws = b"\x03\x03\x05"
-    assert syn_opt(b"\x01" * 5 + ws) == 0x85                             # NOP padding
+    assert syn_opt(b"\x01" * 5 + ws) == 0x85  # NOP padding
     assert syn_opt(b"\x02\x04\x05\xb4" + b"\x08\x0a" + b"\0" * 8 + ws + b"\0" * 3) == 0x85
-    assert syn_opt(b"\x00" + ws + b"\0" * 4) == 0                         # EOL first
-    assert syn_opt(b"\x02\x01" + ws + b"\0" * 3) == 0                     # bad length stops it
-    assert syn_opt(b"\x01\x01\x01\x03") == 0                              # option cut by header end
-    assert syn_opt(b"\x01\x01\x03\x03") == 0                              # value cut by header end
-    assert syn_opt(b"\x03\x02\x07\x00") == 0                              # wscale of length 2
+    assert syn_opt(b"\x00" + ws + b"\0" * 4) == 0  # EOL first
+    assert syn_opt(b"\x02\x01" + ws + b"\0" * 3) == 0  # bad length stops it
+    assert syn_opt(b"\x01\x01\x01\x03") == 0  # option cut by header end
+    assert syn_opt(b"\x01\x01\x03\x03") == 0  # value cut by header end
+    assert syn_opt(b"\x03\x02\x07\x00") == 0  # wscale of length 2
 
 
 def test_tcp_data_offset_below_five_is_bad_offset() -> None:
@@ -497,17 +714,27 @@ def test_tcp_data_offset_below_five_is_bad_offset() -> None:
 
 
 def test_tcp_data_offset_beyond_ip_length_is_short() -> None:
-    pkt = ipv4(A4, B4, 6, tcp_header(1, 2, ACK, doff=15) + b"\0" * 20)   # 60 > 40
+    pkt = ipv4(A4, B4, 6, tcp_header(1, 2, ACK, doff=15) + b"\0" * 20)  # 60 > 40
     assert decode_frame(pkt, 101) == PFRES_SHORT
 
 
 def test_tcp_fields_are_unsigned_32_bit() -> None:
     pkt = ipv4(A4, B4, 6, tcp_header(65535, 0, 0xFF, seq=0xFFFFFFFF, ack=0x80000000, win=0))
-    assert decode_frame(pkt, 101) == (6, key(A4, B4, 65535, 0), 0xFF, 0xFFFFFFFF, 0x80000000,
-                                      0, 0, 40, 0)
+    assert decode_frame(pkt, 101) == (
+        6,
+        key(A4, B4, 65535, 0),
+        0xFF,
+        0xFFFFFFFF,
+        0x80000000,
+        0,
+        0,
+        40,
+        0,
+    )
 
 
 # ---- ICMP ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", [0, 8, 13, 14, 15, 16, 17, 18])
 def test_icmp_queries_use_the_id_as_both_ports(kind: int) -> None:
@@ -569,6 +796,7 @@ def test_icmp_error_from_the_packet_builder() -> None:
 
 # ---- robustness ---------------------------------------------------------------------------
 
+
 @settings(max_examples=400, deadline=None)
 @given(frame=st.binary(max_size=160), linktype=st.sampled_from(LINKTYPES + (147, 12)))
 def test_arbitrary_bytes_never_raise(frame: bytes, linktype: int) -> None:
@@ -576,22 +804,31 @@ def test_arbitrary_bytes_never_raise(frame: bytes, linktype: int) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(version=st.sampled_from([4, 6]), rest=st.binary(min_size=0, max_size=120),
-       linktype=st.sampled_from([101, 1, 0]))
+@given(
+    version=st.sampled_from([4, 6]),
+    rest=st.binary(min_size=0, max_size=120),
+    linktype=st.sampled_from([101, 1, 0]),
+)
 def test_arbitrary_ip_looking_bytes_never_raise(version: int, rest: bytes, linktype: int) -> None:
     # Start with a plausible version nibble so the fuzzing reaches the IP and L4 code.
     pkt = bytes([version << 4 | 5]) + rest
-    frame = {101: pkt, 1: packets.eth(pkt, version == 6),
-             0: null_header(2 if version == 4 else 24, True) + pkt}[linktype]
+    frame = {
+        101: pkt,
+        1: packets.eth(pkt, version == 6),
+        0: null_header(2 if version == 4 else 24, True) + pkt,
+    }[linktype]
     assert_decoder_result(decode_frame(frame, linktype))
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(index=st.integers(0, len(LINK_CASES) - 1),
-       flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=6),
-       cut=st.one_of(st.none(), st.integers(0, 200)))
-def test_mutated_valid_frames_never_raise(index: int, flips: list[tuple[int, int]],
-                                          cut: int | None) -> None:
+@given(
+    index=st.integers(0, len(LINK_CASES) - 1),
+    flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=6),
+    cut=st.one_of(st.none(), st.integers(0, 200)),
+)
+def test_mutated_valid_frames_never_raise(
+    index: int, flips: list[tuple[int, int]], cut: int | None
+) -> None:
     link, case = LINK_CASES[index]
     frame = bytearray(frame_of(link, case))
     for pos, value in flips:

@@ -7,8 +7,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 import pytest
@@ -30,8 +30,9 @@ def free_port() -> int:
 
 
 def pfctl(addr: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([BIN / "pfctl", "-N", addr, *args], capture_output=True, text=True,
-                          timeout=30)
+    return subprocess.run(
+        [BIN / "pfctl", "-N", addr, *args], capture_output=True, text=True, timeout=30
+    )
 
 
 def wait_replayed(addr: str, sources: int = 1) -> dict:
@@ -53,8 +54,7 @@ def real_pcap(tmp_path: Path) -> tuple[Path, list[traffic.Connection]]:
     path = tmp_path / "real.pcap"
     with traffic.isolated_loopback():
         with traffic.capture_to_pcap(path):
-            conns = [traffic.client_close_first(), traffic.udp_exchange(),
-                     traffic.ipv6()]
+            conns = [traffic.client_close_first(), traffic.udp_exchange(), traffic.ipv6()]
     return path, conns
 
 
@@ -62,9 +62,21 @@ def real_pcap(tmp_path: Path) -> tuple[Path, list[traffic.Connection]]:
 def node(real_pcap: tuple[Path, list[traffic.Connection]]) -> Iterator[str]:
     addr = f"127.0.0.1:{free_port()}"
     # Loopback TIME_WAIT would last 2 s; keep the closed connections' records for the test.
-    proc = subprocess.Popen([BIN / "pfsyncd", "--pcap", str(real_pcap[0]), "--control", addr,
-                             "--hostid", HOSTID, "--sysctl", "net.inet.tcp.mslt.loopback=600"],
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            BIN / "pfsyncd",
+            "--pcap",
+            str(real_pcap[0]),
+            "--control",
+            addr,
+            "--hostid",
+            HOSTID,
+            "--sysctl",
+            "net.inet.tcp.mslt.loopback=600",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_replayed(addr)
         yield addr
@@ -80,7 +92,7 @@ def test_pfctl_shows_replayed_real_traffic(node: str, real_pcap) -> None:
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     tcp_rows = [line for line in lines if line.startswith("all tcp ")]
-    assert len(tcp_rows) == 2                           # IPv4 and IPv6 connections
+    assert len(tcp_rows) == 2  # IPv4 and IPv6 connections
     v4 = conns[0]
     row = f"all tcp {v4.server[0]}:{v4.server[1]} <- {v4.client[0]}:{v4.client[1]}"
     # Closed: vestigial (VTW) records, shown as TIME_WAIT on both sides.
@@ -105,17 +117,28 @@ def test_pfctl_shows_replayed_real_traffic(node: str, real_pcap) -> None:
 
 @pytest.mark.slow
 def test_inject_kill_and_flush(node: str) -> None:
-    frames = [tcp("192.0.2.1", "198.51.100.7", 40000, 443, SYN, 77, 0, 64240,
-                  options=tcp_options(1460, 7)),
-              tcp("198.51.100.7", "192.0.2.1", 443, 40000, SYN | ACK, 900, 78, 65160,
-                  options=tcp_options(1460, 7)),
-              tcp("192.0.2.1", "198.51.100.7", 40000, 443, ACK, 78, 901, 502),
-              tcp("192.0.2.9", "198.51.100.7", 40001, 443, ACK, 5, 5, 502),   # no state
-              eth(b"\x45\x00\x00\x30")]                                       # torn IPv4
+    frames = [
+        tcp(
+            "192.0.2.1", "198.51.100.7", 40000, 443, SYN, 77, 0, 64240, options=tcp_options(1460, 7)
+        ),
+        tcp(
+            "198.51.100.7",
+            "192.0.2.1",
+            443,
+            40000,
+            SYN | ACK,
+            900,
+            78,
+            65160,
+            options=tcp_options(1460, 7),
+        ),
+        tcp("192.0.2.1", "198.51.100.7", 40000, 443, ACK, 78, 901, 502),
+        tcp("192.0.2.9", "198.51.100.7", 40001, 443, ACK, 5, 5, 502),  # no state
+        eth(b"\x45\x00\x00\x30"),
+    ]  # torn IPv4
     with grpc.insecure_channel(node) as channel:
         stub = control_pb2_grpc.ControlStub(channel)
-        reply = stub.Inject(pb.InjectRequest(frames=[pb.Frame(linktype=1, data=f)
-                                                     for f in frames]))
+        reply = stub.Inject(pb.InjectRequest(frames=[pb.Frame(linktype=1, data=f) for f in frames]))
     assert list(reply.verdicts) == [0, 0, 0, 1, 2]
     assert (reply.passed, reply.blocked, reply.errors) == (3, 1, 1)
 
@@ -138,10 +161,14 @@ def test_corrupt_capture_reports_file_and_offset(tmp_path: Path) -> None:
     path = tmp_path / "broken.pcap"
     with PcapWriter(path) as w:
         w.write(1.0, udp("10.0.0.1", "10.0.0.2", 1, 2, b"x"))
-    path.write_bytes(path.read_bytes() + b"\x01\x02\x03")      # a torn record header
+    path.write_bytes(path.read_bytes() + b"\x01\x02\x03")  # a torn record header
     addr = f"127.0.0.1:{free_port()}"
-    proc = subprocess.run([BIN / "pfsyncd", "--pcap", str(path), "--control", addr,
-                           "--exit-after-replay"], capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [BIN / "pfsyncd", "--pcap", str(path), "--control", addr, "--exit-after-replay"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if "offset" in line]
     assert len(errors) == 1 and "broken.pcap: truncated" in errors[0], proc.stderr
@@ -149,13 +176,16 @@ def test_corrupt_capture_reports_file_and_offset(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--pcap", "/nonexistent.pcap"], "/nonexistent.pcap"),
-    (["--hostid", "xyz"], "hostid"),
-    (["--control", "nowhere"], "control"),
-    (["--replay-speed", "-1"], "replay_speed"),
-    (["--bogus"], "unrecognized"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--pcap", "/nonexistent.pcap"], "/nonexistent.pcap"),
+        (["--hostid", "xyz"], "hostid"),
+        (["--control", "nowhere"], "control"),
+        (["--replay-speed", "-1"], "replay_speed"),
+        (["--bogus"], "unrecognized"),
+    ],
+)
 def test_pfsyncd_usage_errors_are_one_line(argv: list[str], message: str) -> None:
     proc = subprocess.run([BIN / "pfsyncd", *argv], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
@@ -174,9 +204,23 @@ def test_live_capture_tracks_kernel_traffic() -> None:
     """pfsyncd --capture lo inside a private namespace sees a real connection live."""
     with traffic.isolated_loopback() as ns:
         addr = f"127.0.0.1:{free_port()}"
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, BIN / "pfsyncd", "--capture", "lo",
-                                 "--control", addr, "--sysctl", "net.inet.tcp.mslt.loopback=60"],
-                                stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                BIN / "pfsyncd",
+                "--capture",
+                "lo",
+                "--control",
+                addr,
+                "--sysctl",
+                "net.inet.tcp.mslt.loopback=60",
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         in_ns = ["ip", "netns", "exec", ns, BIN / "pfctl", "-N", addr]
         try:
             deadline = time.monotonic() + 20

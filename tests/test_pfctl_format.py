@@ -56,12 +56,20 @@ def tcp_in_state() -> pb.State:
         src_port=51034,
         dst_port=22,
         src=pb.PeerState(
-            state=ESTABLISHED, seqlo=3000000000, seqhi=3000064240, wscale=0x87,
-            packets=10, bytes=1500,
+            state=ESTABLISHED,
+            seqlo=3000000000,
+            seqhi=3000064240,
+            wscale=0x87,
+            packets=10,
+            bytes=1500,
         ),
         dst=pb.PeerState(
-            state=ESTABLISHED, seqlo=1234567, seqhi=1298823, wscale=0x86,
-            packets=8, bytes=4000,
+            state=ESTABLISHED,
+            seqlo=1234567,
+            seqhi=1298823,
+            wscale=0x86,
+            packets=8,
+            bytes=4000,
         ),
         timeout="tcp.established",
         age_seconds=3723,
@@ -98,13 +106,29 @@ def test_tcp_ipv6_outbound_seqdiff_wrap_and_one_sided_wscale() -> None:
     """OUT prints src -> dst; IPv6 ports in brackets; wscale needs both peers; the window
     wraps in 32-bit sequence space; seqdiff shows as (+N); no rule, no ", rule"."""
     state = pb.State(
-        id=1, creatorid=2, af=6, proto=6, ifname="all", direction=pb.State.OUT,
-        src_addr=ip("2001:db8::1"), dst_addr=ip("2001:db8::2"),
-        src_port=51000, dst_port=443,
-        src=pb.PeerState(state=SYN_SENT, seqlo=4294967000, seqhi=500, seqdiff=77,
-                         wscale=0x82, packets=1, bytes=80),
+        id=1,
+        creatorid=2,
+        af=6,
+        proto=6,
+        ifname="all",
+        direction=pb.State.OUT,
+        src_addr=ip("2001:db8::1"),
+        dst_addr=ip("2001:db8::2"),
+        src_port=51000,
+        dst_port=443,
+        src=pb.PeerState(
+            state=SYN_SENT,
+            seqlo=4294967000,
+            seqhi=500,
+            seqdiff=77,
+            wscale=0x82,
+            packets=1,
+            bytes=80,
+        ),
         dst=pb.PeerState(state=CLOSED),
-        age_seconds=360000, expires_in=29, rule=0xFFFFFFFF,
+        age_seconds=360000,
+        expires_in=29,
+        rule=0xFFFFFFFF,
     )
     assert format_state(state, verbose=2) == [
         "all tcp 2001:db8::1[51000] -> 2001:db8::2[443]       SYN_SENT:CLOSED",
@@ -116,9 +140,16 @@ def test_tcp_ipv6_outbound_seqdiff_wrap_and_one_sided_wscale() -> None:
 
 def test_udp_names_and_direction_swap() -> None:
     out = pb.State(
-        af=4, proto=17, ifname="all", direction=pb.State.OUT,
-        src_addr=ip("192.0.2.1"), dst_addr=ip("198.51.100.53"), src_port=53000, dst_port=53,
-        src=pb.PeerState(state=2), dst=pb.PeerState(state=1),
+        af=4,
+        proto=17,
+        ifname="all",
+        direction=pb.State.OUT,
+        src_addr=ip("192.0.2.1"),
+        dst_addr=ip("198.51.100.53"),
+        src_port=53000,
+        dst_port=53,
+        src=pb.PeerState(state=2),
+        dst=pb.PeerState(state=1),
     )
     assert format_state(out) == [
         "all udp 192.0.2.1:53000 -> 198.51.100.53:53       MULTIPLE:SINGLE"
@@ -133,10 +164,19 @@ def test_udp_names_and_direction_swap() -> None:
 
 def test_udp_verbose_has_no_sequence_line() -> None:
     state = pb.State(
-        af=4, proto=17, ifname="all", direction=pb.State.OUT,
-        src_addr=ip("192.0.2.1"), dst_addr=ip("192.0.2.2"), src_port=1, dst_port=2,
-        src=pb.PeerState(state=1, packets=1, bytes=60), dst=pb.PeerState(state=0),
-        age_seconds=5, expires_in=25, rule=3,
+        af=4,
+        proto=17,
+        ifname="all",
+        direction=pb.State.OUT,
+        src_addr=ip("192.0.2.1"),
+        dst_addr=ip("192.0.2.2"),
+        src_port=1,
+        dst_port=2,
+        src=pb.PeerState(state=1, packets=1, bytes=60),
+        dst=pb.PeerState(state=0),
+        age_seconds=5,
+        expires_in=25,
+        rule=3,
     )
     assert format_state(state, verbose=1) == [
         "all udp 192.0.2.1:1 -> 192.0.2.2:2       SINGLE:NO_TRAFFIC",
@@ -146,15 +186,29 @@ def test_udp_verbose_has_no_sequence_line() -> None:
 
 def test_icmp_states_are_numbers_and_echo_id_shows_on_both_sides() -> None:
     state = pb.State(
-        af=4, proto=1, ifname="all", direction=pb.State.OUT,
-        src_addr=ip("192.0.2.1"), dst_addr=ip("192.0.2.2"), src_port=4242, dst_port=4242,
-        src=pb.PeerState(state=0), dst=pb.PeerState(state=0),
+        af=4,
+        proto=1,
+        ifname="all",
+        direction=pb.State.OUT,
+        src_addr=ip("192.0.2.1"),
+        dst_addr=ip("192.0.2.2"),
+        src_port=4242,
+        dst_port=4242,
+        src=pb.PeerState(state=0),
+        dst=pb.PeerState(state=0),
     )
     assert format_state(state) == ["all icmp 192.0.2.1:4242 -> 192.0.2.2:4242       0:0"]
     v6 = pb.State(
-        af=6, proto=58, ifname="all", direction=pb.State.IN,
-        src_addr=ip("fe80::2"), dst_addr=ip("fe80::1"), src_port=7, dst_port=7,
-        src=pb.PeerState(state=1), dst=pb.PeerState(state=0),
+        af=6,
+        proto=58,
+        ifname="all",
+        direction=pb.State.IN,
+        src_addr=ip("fe80::2"),
+        dst_addr=ip("fe80::1"),
+        src_port=7,
+        dst_port=7,
+        src=pb.PeerState(state=1),
+        dst=pb.PeerState(state=0),
     )
     assert format_state(v6) == ["all ipv6-icmp fe80::1[7] <- fe80::2[7]       0:1"]
 
@@ -162,9 +216,14 @@ def test_icmp_states_are_numbers_and_echo_id_shows_on_both_sides() -> None:
 def test_other_protocols_use_named_levels_and_no_ports() -> None:
     """pf_print_state.c names the levels of every protocol but ICMP (NO_TRAFFIC...)."""
     gre = pb.State(
-        af=4, proto=47, ifname="all", direction=pb.State.OUT,
-        src_addr=ip("192.0.2.1"), dst_addr=ip("192.0.2.2"),
-        src=pb.PeerState(state=1), dst=pb.PeerState(state=0),
+        af=4,
+        proto=47,
+        ifname="all",
+        direction=pb.State.OUT,
+        src_addr=ip("192.0.2.1"),
+        dst_addr=ip("192.0.2.2"),
+        src=pb.PeerState(state=1),
+        dst=pb.PeerState(state=0),
     )
     assert format_state(gre) == ["all gre 192.0.2.1 -> 192.0.2.2       SINGLE:NO_TRAFFIC"]
     unknown = pb.State()
@@ -194,9 +253,16 @@ def test_tcp_levels_beyond_time_wait(levels: tuple[int, int], column: str) -> No
 def test_mapped_ipv6_and_bad_address() -> None:
     """inet_ntop writes IPv4-mapped addresses dotted; an address of the wrong size is '?'."""
     state = pb.State(
-        af=6, proto=17, ifname="all", direction=pb.State.OUT,
-        src_addr=ip("::ffff:192.0.2.1"), dst_addr=b"\x01\x02", src_port=1, dst_port=2,
-        src=pb.PeerState(state=1), dst=pb.PeerState(state=0),
+        af=6,
+        proto=17,
+        ifname="all",
+        direction=pb.State.OUT,
+        src_addr=ip("::ffff:192.0.2.1"),
+        dst_addr=b"\x01\x02",
+        src_port=1,
+        dst_port=2,
+        src=pb.PeerState(state=1),
+        dst=pb.PeerState(state=0),
     )
     assert format_state(state) == ["all udp ::ffff:192.0.2.1[1] -> ?[2]       SINGLE:NO_TRAFFIC"]
 
@@ -214,9 +280,23 @@ def test_state_json_has_text_addresses() -> None:
 # --- info, timeouts, memory ---------------------------------------------------------------
 
 PFRES = [
-    "match", "bad-offset", "fragment", "short", "normalize", "memory", "bad-timestamp",
-    "congestion", "ip-option", "proto-cksum", "state-mismatch", "state-insert",
-    "state-limit", "src-limit", "synproxy", "translate", "no-route",
+    "match",
+    "bad-offset",
+    "fragment",
+    "short",
+    "normalize",
+    "memory",
+    "bad-timestamp",
+    "congestion",
+    "ip-option",
+    "proto-cksum",
+    "state-mismatch",
+    "state-insert",
+    "state-limit",
+    "src-limit",
+    "synproxy",
+    "translate",
+    "no-route",
 ]
 
 
@@ -225,8 +305,15 @@ def sample_info(enabled_seconds: int) -> pb.Info:
     counters[0].value = 23
     counters[10].value = 5
     return pb.Info(
-        running=True, enabled_seconds=enabled_seconds, hostid=0xDEADBEEF, debug="err",
-        current_entries=4, half_open_tcp=1, searches=350, inserts=12, removals=8,
+        running=True,
+        enabled_seconds=enabled_seconds,
+        hostid=0xDEADBEEF,
+        debug="err",
+        current_entries=4,
+        half_open_tcp=1,
+        searches=350,
+        inserts=12,
+        removals=8,
         counters=counters,
     )
 
@@ -273,11 +360,25 @@ def test_info_disabled_has_no_rates() -> None:
 
 
 TIMEOUT_ROWS = [
-    ("tcp.first", 120), ("tcp.opening", 30), ("tcp.established", 86400),
-    ("tcp.closing", 900), ("tcp.finwait", 45), ("tcp.closed", 90), ("tcp.tsdiff", 30),
-    ("udp.first", 60), ("udp.single", 30), ("udp.multiple", 60), ("icmp.first", 20),
-    ("icmp.error", 10), ("other.first", 60), ("other.single", 30), ("other.multiple", 60),
-    ("frag", 60), ("interval", 10), ("adaptive.start", 60000), ("adaptive.end", 120000),
+    ("tcp.first", 120),
+    ("tcp.opening", 30),
+    ("tcp.established", 86400),
+    ("tcp.closing", 900),
+    ("tcp.finwait", 45),
+    ("tcp.closed", 90),
+    ("tcp.tsdiff", 30),
+    ("udp.first", 60),
+    ("udp.single", 30),
+    ("udp.multiple", 60),
+    ("icmp.first", 20),
+    ("icmp.error", 10),
+    ("other.first", 60),
+    ("other.single", 30),
+    ("other.multiple", 60),
+    ("frag", 60),
+    ("interval", 10),
+    ("adaptive.start", 60000),
+    ("adaptive.end", 120000),
     ("src.track", 0),
 ]
 
@@ -324,7 +425,11 @@ def run_pfctl(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
     environ = {k: v for k, v in os.environ.items() if not k.startswith("PFSYNC_")}
     environ.update(env or {})
     return subprocess.run(
-        [str(PFCTL), *args], capture_output=True, text=True, env=environ, timeout=60,
+        [str(PFCTL), *args],
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=60,
         check=False,
     )
 
@@ -347,8 +452,10 @@ def closed_port() -> int:
         (["-k", "id", "-k", "0/1"], "pfctl: cannot kill id 0"),
         (["-k", "a", "-k", "b", "-k", "c"], "pfctl: can only specify -k twice"),
         (["-k", "192.0.2.0/33"], "pfctl: prefix is too large: 33"),
-        (["-s", "info", "--token-file", "/nonexistent/token"],
-         "pfctl: cannot read token file /nonexistent/token: No such file or directory"),
+        (
+            ["-s", "info", "--token-file", "/nonexistent/token"],
+            "pfctl: cannot read token file /nonexistent/token: No such file or directory",
+        ),
         (["-s", "info", "extra"], "pfctl: unrecognized arguments: extra"),
     ],
 )
@@ -438,8 +545,14 @@ def test_show_all_sections_and_titles(
         "",
     ]
     assert out[3:5] == ["INFO:", "Status: Enabled for 0 days 00:01:40              Debug: err"]
-    assert out[-6:] == ["", "TIMEOUTS:", "tcp.first                   120s",
-                        "", "LIMITS:", "states        hard limit   100000"]
+    assert out[-6:] == [
+        "",
+        "TIMEOUTS:",
+        "tcp.first                   120s",
+        "",
+        "LIMITS:",
+        "states        hard limit   100000",
+    ]
 
 
 def test_show_all_without_states_has_no_states_title(

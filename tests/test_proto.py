@@ -40,8 +40,14 @@ def test_generator_runs_as_a_module(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     names = sorted(path.name for path in (tmp_path / _protogen.PACKAGE_DIR).iterdir())
-    assert names == ["control_pb2.py", "control_pb2.pyi", "control_pb2_grpc.py",
-                     "sysctl_pb2.py", "sysctl_pb2.pyi", "sysctl_pb2_grpc.py"]
+    assert names == [
+        "control_pb2.py",
+        "control_pb2.pyi",
+        "control_pb2_grpc.py",
+        "sysctl_pb2.py",
+        "sysctl_pb2.pyi",
+        "sysctl_pb2_grpc.py",
+    ]
 
 
 def test_protobuf_runs_on_upb() -> None:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 from pfsync.pcap import read_capture
-from statetable import StateTable, TableConfig, decode_frame, keys, timeouts as tmo
+from statetable import StateTable, TableConfig, decode_frame, keys
+from statetable import timeouts as tmo
 from statetable.counters import PFRES_BADSTATE
 from statetable.decode import NOT_IP
 from statetable.state import ESTABLISHED, FIN_WAIT_2, MULTIPLE, SINGLE, TIME_WAIT, WSCALE_FLAG
@@ -36,7 +37,7 @@ def replay(path: Path, vtw: bool = False) -> tuple[StateTable, int]:
     frames = 0
     for ts, linktype, frame in read_capture(path):
         pkt = decode_frame(frame, linktype)
-        if pkt == NOT_IP:                       # ARP on the veth link
+        if pkt == NOT_IP:  # ARP on the veth link
             continue
         assert isinstance(pkt, tuple), f"frame {frames} did not decode: {pkt}"
         table.test(pkt, ts)
@@ -48,9 +49,13 @@ def state_of(table: StateTable, conn: traffic.Connection):
     """The state the connection's first packet (client -> server) created."""
     sport, dport = conn.client[1], conn.server[1]
     if conn.proto == socket.IPPROTO_ICMP:
-        dport = sport                           # pf keys ICMP queries by echo id both ways
-    key = keys.make(ipaddress.ip_address(conn.client[0]).packed,
-                    ipaddress.ip_address(conn.server[0]).packed, sport, dport)
+        dport = sport  # pf keys ICMP queries by echo id both ways
+    key = keys.make(
+        ipaddress.ip_address(conn.client[0]).packed,
+        ipaddress.ip_address(conn.server[0]).packed,
+        sport,
+        dport,
+    )
     found = table.find(conn.proto, key)
     assert found is not None, f"no state for {conn}"
     st, from_src = found
@@ -58,8 +63,9 @@ def state_of(table: StateTable, conn: traffic.Connection):
     return st
 
 
-def run_shape(tmp_path: Path, shape: Callable[[], traffic.Connection]
-              ) -> tuple[StateTable, traffic.Connection, int]:
+def run_shape(
+    tmp_path: Path, shape: Callable[[], traffic.Connection]
+) -> tuple[StateTable, traffic.Connection, int]:
     pcap = tmp_path / "capture.pcap"
     with traffic.isolated_loopback():
         with traffic.capture_to_pcap(pcap) as result:
@@ -149,8 +155,11 @@ def test_established_mid_capture_states(tmp_path: Path) -> None:
     pcap = tmp_path / "mixed.pcap"
     with traffic.isolated_loopback():
         with traffic.capture_to_pcap(pcap):
-            conns = [traffic.client_close_first(), traffic.server_close_first(),
-                     traffic.rst_abort()]
+            conns = [
+                traffic.client_close_first(),
+                traffic.server_close_first(),
+                traffic.rst_abort(),
+            ]
     table, _ = replay(pcap)
     assert table.pfres[PFRES_BADSTATE] == 0
     for conn in conns:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 import pytest
@@ -28,8 +28,11 @@ def test_every_knob_of_the_issue_is_in_the_tree_with_its_default() -> None:
     assert values["net.inet.tcp.vtw.enable"] is True
     assert values["net.inet.tcp.vtw.entries"] == 65536
     assert values["net.inet.tcp.mslt.enable"] is True
-    assert (values["net.inet.tcp.mslt.loopback"], values["net.inet.tcp.mslt.local"],
-            values["net.inet.tcp.mslt.remote"]) == (1, 5, 30)
+    assert (
+        values["net.inet.tcp.mslt.loopback"],
+        values["net.inet.tcp.mslt.local"],
+        values["net.inet.tcp.mslt.remote"],
+    ) == (1, 5, 30)
     assert values["net.pf.timeout.tcp.established"] == 86400
     assert values["net.pf.limit.states"] == 100000
 
@@ -49,18 +52,21 @@ def test_set_changes_the_table() -> None:
     assert table.limit_states == 5
 
 
-@pytest.mark.parametrize("name, value, code", [
-    ("net.inet.tcp.vtw.entries", "1000", "invalid"),        # not a power of two
-    ("net.inet.tcp.vtw.entries", "2", "invalid"),           # below the minimum
-    ("net.inet.tcp.vtw.entries", "lots", "invalid"),
-    ("net.inet.tcp.vtw.enable", "2", "invalid"),
-    ("net.inet.tcp.mslt.local", "-1", "invalid"),
-    ("net.inet.tcp.mslt.local", "3601", "invalid"),
-    ("net.inet.tcp.vtw.stats", "1", "read-only"),
-    ("net.inet.tcp.mslt.local_nets", "10.0.0.0/8", "read-only"),
-    ("net.inet.tcp.vtw", "1", "not-found"),                 # a subtree, not a node
-    ("kern.nothing", "1", "not-found"),
-])
+@pytest.mark.parametrize(
+    "name, value, code",
+    [
+        ("net.inet.tcp.vtw.entries", "1000", "invalid"),  # not a power of two
+        ("net.inet.tcp.vtw.entries", "2", "invalid"),  # below the minimum
+        ("net.inet.tcp.vtw.entries", "lots", "invalid"),
+        ("net.inet.tcp.vtw.enable", "2", "invalid"),
+        ("net.inet.tcp.mslt.local", "-1", "invalid"),
+        ("net.inet.tcp.mslt.local", "3601", "invalid"),
+        ("net.inet.tcp.vtw.stats", "1", "read-only"),
+        ("net.inet.tcp.mslt.local_nets", "10.0.0.0/8", "read-only"),
+        ("net.inet.tcp.vtw", "1", "not-found"),  # a subtree, not a node
+        ("kern.nothing", "1", "not-found"),
+    ],
+)
 def test_bad_names_and_values_are_refused_in_one_line(name: str, value: str, code: str) -> None:
     node = Node(1)
     before = {n.name: n.get() for n in node.sysctl.list() if n.name != "net.inet.tcp.vtw.stats"}
@@ -76,28 +82,36 @@ def test_struct_fields_and_subtrees_resolve() -> None:
     tree = Node(1).sysctl
     node, fields = tree.get("net.inet.tcp.vtw.stats.lookup_connect")
     assert node.name == "net.inet.tcp.vtw.stats"
-    assert [f for f, _ in fields] == [f"lookup_connect.{n}" for n in (
-        "look", "hit", "miss", "probe", "losing", "max_chain", "max_probe", "max_loss")]
+    assert [f for f, _ in fields] == [
+        f"lookup_connect.{n}"
+        for n in ("look", "hit", "miss", "probe", "losing", "max_chain", "max_probe", "max_loss")
+    ]
     assert tree.get("net.inet.tcp.vtw.stats.kill")[1] == [("kill", 0)]
     assert [n.name for n in tree.list("net.inet.tcp.vtw")] == [
-        "net.inet.tcp.vtw.enable", "net.inet.tcp.vtw.entries", "net.inet.tcp.vtw.stats"]
+        "net.inet.tcp.vtw.enable",
+        "net.inet.tcp.vtw.entries",
+        "net.inet.tcp.vtw.stats",
+    ]
     with pytest.raises(SysctlError):
         tree.get("net.inet.tcp.vtw.stats.nothing")
     with pytest.raises(SysctlError):
-        tree.list("net.inet.tc")                 # prefixes match whole components only
+        tree.list("net.inet.tc")  # prefixes match whole components only
 
 
 # ---- a real node ----------------------------------------------------------------------
 
+
 def pfsysctl(addr: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([BIN / "pfsysctl", "-N", addr, *args], capture_output=True,
-                          text=True, timeout=30)
+    return subprocess.run(
+        [BIN / "pfsysctl", "-N", addr, *args], capture_output=True, text=True, timeout=30
+    )
 
 
 def start_node(*args: str) -> tuple[subprocess.Popen[str], str]:
     addr = f"127.0.0.1:{free_port()}"
-    proc = subprocess.Popen([BIN / "pfsyncd", "--control", addr, *args],
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [BIN / "pfsyncd", "--control", addr, *args], stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 20
     while pfsysctl(addr, "net.inet.tcp.vtw.enable").returncode:
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
@@ -109,10 +123,12 @@ def start_node(*args: str) -> tuple[subprocess.Popen[str], str]:
 @pytest.fixture
 def node_with_config(tmp_path: Path) -> Iterator[str]:
     config = tmp_path / "node.toml"
-    config.write_text('local_net = ["192.0.2.0/24"]\n\n[sysctl]\n'
-                      '"net.inet.tcp.vtw.entries" = 1024\n'
-                      '"net.inet.tcp.mslt.remote" = 600\n'
-                      '"net.inet.tcp.mslt.enable" = true\n')
+    config.write_text(
+        'local_net = ["192.0.2.0/24"]\n\n[sysctl]\n'
+        '"net.inet.tcp.vtw.entries" = 1024\n'
+        '"net.inet.tcp.mslt.remote" = 600\n'
+        '"net.inet.tcp.mslt.enable" = true\n'
+    )
     # The flag wins over the file for the same name, the file's other names stay.
     proc, addr = start_node("--config", str(config), "--sysctl", "net.inet.tcp.mslt.remote=900")
     try:
@@ -125,20 +141,23 @@ def node_with_config(tmp_path: Path) -> Iterator[str]:
 def closed_connection(client: str, cport: int) -> list[bytes]:
     """A whole TCP connection, client closes first, as Ethernet frames."""
     srv = "198.51.100.7"
-    return [tcp(client, srv, cport, 80, SYN, 100, 0, 64240),
-            tcp(srv, client, 80, cport, SYN | ACK, 900, 101, 65160),
-            tcp(client, srv, cport, 80, ACK, 101, 901, 502),
-            tcp(client, srv, cport, 80, FIN | ACK, 101, 901, 502),
-            tcp(srv, client, 80, cport, ACK, 901, 102, 509),
-            tcp(srv, client, 80, cport, FIN | ACK, 901, 102, 509),
-            tcp(client, srv, cport, 80, ACK, 102, 902, 502)]
+    return [
+        tcp(client, srv, cport, 80, SYN, 100, 0, 64240),
+        tcp(srv, client, 80, cport, SYN | ACK, 900, 101, 65160),
+        tcp(client, srv, cport, 80, ACK, 101, 901, 502),
+        tcp(client, srv, cport, 80, FIN | ACK, 101, 901, 502),
+        tcp(srv, client, 80, cport, ACK, 901, 102, 509),
+        tcp(srv, client, 80, cport, FIN | ACK, 901, 102, 509),
+        tcp(client, srv, cport, 80, ACK, 102, 902, 502),
+    ]
 
 
 def inject(addr: str, frames: list[bytes]) -> list[int]:
     with grpc.insecure_channel(addr) as channel:
         stub = control_pb2_grpc.ControlStub(channel)
-        reply = stub.Inject(cpb.InjectRequest(frames=[cpb.Frame(linktype=1, data=f)
-                                                      for f in frames]))
+        reply = stub.Inject(
+            cpb.InjectRequest(frames=[cpb.Frame(linktype=1, data=f) for f in frames])
+        )
     return list(reply.verdicts)
 
 
@@ -169,15 +188,16 @@ def test_vtw_toggle_at_run_time_loses_no_connection(node_with_config: str) -> No
     stats = pfsysctl(addr, "net.inet.tcp.vtw.stats").stdout.splitlines()
     assert "net.inet.tcp.vtw.stats.ins = 20" in stats
     assert "net.inet.tcp.vtw.stats.class.ipv4.remote.inuse = 20" in stats
-    assert "net.inet.tcp.vtw.stats.class.ipv4.remote.bytes = 62464" in stats   # 1024 x 61 B
+    assert "net.inet.tcp.vtw.stats.class.ipv4.remote.bytes = 62464" in stats  # 1024 x 61 B
 
     out = pfsysctl(addr, "-w", "net.inet.tcp.vtw.enable=0")
     assert out.returncode == 0 and out.stdout == "net.inet.tcp.vtw.enable: 1 -> 0\n"
     full = rows()
     assert len(full) == 20 and not any(s.get("vestigial") for s in full)
     key = ("id", "src_addr", "src_port", "dst_port")
-    assert sorted(tuple(s[k] for k in key) for s in full) == \
-        sorted(tuple(s[k] for k in key) for s in before)
+    assert sorted(tuple(s[k] for k in key) for s in full) == sorted(
+        tuple(s[k] for k in key) for s in before
+    )
 
     assert pfsysctl(addr, "-w", "net.inet.tcp.vtw.enable=1").returncode == 0
     again = rows()
@@ -201,19 +221,20 @@ def test_vtw_toggle_at_run_time_loses_no_connection(node_with_config: str) -> No
 @pytest.mark.slow
 def test_pfsysctl_errors_exit_2_in_one_line(node_with_config: str) -> None:
     addr = node_with_config
-    for args, message in [(["-w", "net.inet.tcp.vtw.entries=1000"], "not a power of two"),
-                          (["kern.bogus"], "unknown sysctl name"),
-                          (["-w", "net.inet.tcp.vtw.stats=0"], "read-only"),
-                          (["-w", "net.inet.tcp.vtw.enable"], "NAME=VALUE"),
-                          (["net.inet.tcp.vtw.enable=1"], "needs -w"),
-                          ([], "give NAME"),
-                          (["-a", "net.inet"], "-a takes no names")]:
+    for args, message in [
+        (["-w", "net.inet.tcp.vtw.entries=1000"], "not a power of two"),
+        (["kern.bogus"], "unknown sysctl name"),
+        (["-w", "net.inet.tcp.vtw.stats=0"], "read-only"),
+        (["-w", "net.inet.tcp.vtw.enable"], "NAME=VALUE"),
+        (["net.inet.tcp.vtw.enable=1"], "needs -w"),
+        ([], "give NAME"),
+        (["-a", "net.inet"], "-a takes no names"),
+    ]:
         out = pfsysctl(addr, *args)
         assert out.returncode == 2, (args, out.stderr)
         lines = out.stderr.splitlines()
         assert len(lines) == 1 and lines[0].startswith("pfsysctl: ") and message in lines[0]
-    assert pfsysctl(addr, "net.inet.tcp.vtw.entries").stdout == \
-        "net.inet.tcp.vtw.entries = 1024\n"
+    assert pfsysctl(addr, "net.inet.tcp.vtw.entries").stdout == "net.inet.tcp.vtw.entries = 1024\n"
     unreachable = pfsysctl(f"127.0.0.1:{free_port()}", "-a")
     assert unreachable.returncode == 1 and "cannot reach node" in unreachable.stderr
 
@@ -224,22 +245,34 @@ def test_all_lists_every_node_and_json_is_typed(node_with_config: str) -> None:
     names = [line.split(" = ")[0] for line in out.stdout.splitlines()]
     assert "net.inet.tcp.vtw.stats.lookup_port.max_loss" in names
     assert "net.pf.timeout.tcp.closed" in names
-    doc = json.loads(pfsysctl(node_with_config, "--json", "net.inet.tcp.vtw.enable",
-                              "net.inet.tcp.vtw.entries").stdout)
+    doc = json.loads(
+        pfsysctl(
+            node_with_config, "--json", "net.inet.tcp.vtw.enable", "net.inet.tcp.vtw.entries"
+        ).stdout
+    )
     assert [(n["type"], n.get("flag"), n.get("integer")) for n in doc["nodes"]] == [
-        ("BOOL", True, None), ("INT", None, "1024")]
+        ("BOOL", True, None),
+        ("INT", None, "1024"),
+    ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args, message", [
-    (["--sysctl", "net.inet.tcp.vtw.entries=12"], "not a power of two"),
-    (["--sysctl", "net.nothing=1"], "unknown sysctl name"),
-    (["--sysctl", "novalue"], "is not NAME=VALUE"),
-    (["--local-net", "10.0.0.0/33"], "bad network"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--sysctl", "net.inet.tcp.vtw.entries=12"], "not a power of two"),
+        (["--sysctl", "net.nothing=1"], "unknown sysctl name"),
+        (["--sysctl", "novalue"], "is not NAME=VALUE"),
+        (["--local-net", "10.0.0.0/33"], "bad network"),
+    ],
+)
 def test_bad_start_up_settings_exit_2(args: list[str], message: str) -> None:
-    proc = subprocess.run([BIN / "pfsyncd", "--control", f"127.0.0.1:{free_port()}", *args],
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [BIN / "pfsyncd", "--control", f"127.0.0.1:{free_port()}", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and lines[0].startswith("pfsyncd: ")
@@ -252,16 +285,21 @@ async def test_sysctl_service_over_grpc(node_with_config: str) -> None:
         stub = sysctl_pb2_grpc.SysctlStub(channel)
         node = await stub.Get(sysctl_pb2.SysctlGetRequest(name="net.inet.tcp.mslt.remote"))
         assert node.integer == 900 and node.writable
-        reply = await stub.Set(sysctl_pb2.SysctlSetRequest(name="net.inet.tcp.mslt.remote",
-                                                           value="45"))
+        reply = await stub.Set(
+            sysctl_pb2.SysctlSetRequest(name="net.inet.tcp.mslt.remote", value="45")
+        )
         assert (reply.previous.integer, reply.node.integer) == (900, 45)
         for call, code in [
-                (stub.Get(sysctl_pb2.SysctlGetRequest(name="x" * 300)),
-                 grpc.StatusCode.INVALID_ARGUMENT),
-                (stub.Get(sysctl_pb2.SysctlGetRequest(name="net.none")),
-                 grpc.StatusCode.NOT_FOUND),
-                (stub.Set(sysctl_pb2.SysctlSetRequest(name="net.inet.tcp.vtw.stats", value="1")),
-                 grpc.StatusCode.FAILED_PRECONDITION)]:
+            (
+                stub.Get(sysctl_pb2.SysctlGetRequest(name="x" * 300)),
+                grpc.StatusCode.INVALID_ARGUMENT,
+            ),
+            (stub.Get(sysctl_pb2.SysctlGetRequest(name="net.none")), grpc.StatusCode.NOT_FOUND),
+            (
+                stub.Set(sysctl_pb2.SysctlSetRequest(name="net.inet.tcp.vtw.stats", value="1")),
+                grpc.StatusCode.FAILED_PRECONDITION,
+            ),
+        ]:
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await call
             assert err.value.code() == code

@@ -8,19 +8,36 @@ passed in explicitly, as the sans-I/O table expects.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 
 import statetable.table as table_module
-from statetable import (BLOCK, PASS, RemoveReason, State, StateInserted, StateRemoved,
-                        StateTable, StateUpdated, TableConfig, decode_frame)
-from statetable import keys
+from statetable import (
+    BLOCK,
+    PASS,
+    RemoveReason,
+    State,
+    StateInserted,
+    StateRemoved,
+    StateTable,
+    StateUpdated,
+    TableConfig,
+    decode_frame,
+    keys,
+)
 from statetable import timeouts as tmo
-from statetable.counters import (FCNT_STATE_INSERT, FCNT_STATE_REMOVALS, FCNT_STATE_SEARCH,
-                                 PFRES_BADSTATE, PFRES_MATCH, PFRES_MAXSTATES, PFRES_STATEINS)
+from statetable.counters import (
+    FCNT_STATE_INSERT,
+    FCNT_STATE_REMOVALS,
+    FCNT_STATE_SEARCH,
+    PFRES_BADSTATE,
+    PFRES_MATCH,
+    PFRES_MAXSTATES,
+    PFRES_STATEINS,
+)
 from statetable.events import Event
-from statetable.state import (CLOSED, ESTABLISHED, MULTIPLE, NO_TRAFFIC, SINGLE, SYN_SENT)
+from statetable.state import CLOSED, ESTABLISHED, MULTIPLE, NO_TRAFFIC, SINGLE, SYN_SENT
 from tests import packets
 from tests.packets import ACK, FIN, RST, SYN
 
@@ -49,8 +66,9 @@ def state_of(table: StateTable, frame: bytes) -> State:
     return found[0]
 
 
-def udp(src: str = A, dst: str = B, sport: int = 5000, dport: int = 53,
-        payload: bytes = b"q") -> bytes:
+def udp(
+    src: str = A, dst: str = B, sport: int = 5000, dport: int = 53, payload: bytes = b"q"
+) -> bytes:
     return packets.udp(src, dst, sport, dport, payload)
 
 
@@ -68,8 +86,14 @@ def gre(src: str = A, dst: str = B) -> bytes:
     return packets.ip(src, dst, 47, b"\x00\x00\x08\x00" + b"g" * 16)
 
 
-def tcp_handshake(table: StateTable, src: str = A, dst: str = B, sport: int = 40000,
-                  dport: int = 80, now: float = T0) -> State:
+def tcp_handshake(
+    table: StateTable,
+    src: str = A,
+    dst: str = B,
+    sport: int = 40000,
+    dport: int = 80,
+    now: float = T0,
+) -> State:
     assert send(table, packets.tcp(src, dst, sport, dport, SYN, 100), now) == PASS
     assert send(table, packets.tcp(dst, src, dport, sport, SYN | ACK, 900, 101), now) == PASS
     frame = packets.tcp(src, dst, sport, dport, ACK, 101, 901)
@@ -113,6 +137,7 @@ def test_table_config_rejects_unknown_and_negative_timeouts() -> None:
 
 
 # ---- UDP -------------------------------------------------------------------------------
+
 
 def test_udp_first_packet_creates_single_no_traffic() -> None:
     table = StateTable()
@@ -170,11 +195,12 @@ def test_udp_other_ports_are_other_states() -> None:
     table = StateTable()
     send(table, udp(sport=1))
     send(table, udp(sport=2))
-    send(table, udp(B, A, 53, 3))         # not a reply to either: a third state
+    send(table, udp(B, A, 53, 3))  # not a reply to either: a third state
     assert table.count == 3
 
 
 # ---- ICMP and other protocols ------------------------------------------------------------
+
 
 def test_icmp_echo_state_and_reply() -> None:
     table = StateTable()
@@ -233,6 +259,7 @@ def test_other_protocol_gre() -> None:
 
 # ---- ICMP errors -------------------------------------------------------------------------
 
+
 def quoted(frame: bytes) -> bytes:
     """The IP packet inside an Ethernet frame (what an ICMP error quotes)."""
     return frame[14:]
@@ -245,8 +272,8 @@ def test_icmp_error_quoting_a_tracked_tcp_connection_passes() -> None:
     st = state_of(table, syn)
     error = packets.icmp_error(R, A, 3, 1, quoted(syn))
     assert send(table, error, T0 + 3) == PASS
-    assert table.count == 1                       # errors never create states
-    assert st.expire == T0                        # nor refresh the one they match
+    assert table.count == 1  # errors never create states
+    assert st.expire == T0  # nor refresh the one they match
     assert table.passed == 2
 
 
@@ -288,8 +315,10 @@ def test_icmp_error_quoting_an_untracked_connection_is_blocked() -> None:
 
 # ---- TCP creation policy -----------------------------------------------------------------
 
-@pytest.mark.parametrize("flags", [ACK, SYN | ACK, FIN | ACK, RST, RST | ACK, SYN | FIN,
-                                   SYN | RST, 0])
+
+@pytest.mark.parametrize(
+    "flags", [ACK, SYN | ACK, FIN | ACK, RST, RST | ACK, SYN | FIN, SYN | RST, 0]
+)
 def test_tcp_without_state_needs_a_pure_syn(flags: int) -> None:
     table = StateTable()
     assert send(table, packets.tcp(A, B, 40000, 80, flags, 100, 5)) == BLOCK
@@ -309,6 +338,7 @@ def test_syn_with_ece_cwr_or_push_still_creates() -> None:
 
 
 # ---- state limit -------------------------------------------------------------------------
+
 
 def test_state_limit() -> None:
     table = StateTable(TableConfig(limit_states=3))
@@ -341,6 +371,7 @@ def test_state_limit_of_one_blocks_the_second_creation() -> None:
 
 # ---- purge -------------------------------------------------------------------------------
 
+
 def test_state_expires_exactly_at_expire_plus_timeout() -> None:
     table = StateTable()
     recorder = Recorder()
@@ -359,15 +390,19 @@ def test_state_expires_exactly_at_expire_plus_timeout() -> None:
     assert table.fcounters[FCNT_STATE_REMOVALS] == 1
 
 
-@pytest.mark.parametrize(("name", "make"), [
-    ("udp.first", lambda t, now: send(t, udp(), now)),
-    ("icmp.first", lambda t, now: send(t, packets.icmp_echo(A, B, 3), now)),
-    ("other.first", lambda t, now: send(t, gre(), now)),
-    ("tcp.first", lambda t, now: send(t, packets.tcp(A, B, 1, 2, SYN, 10), now)),
-    ("tcp.established", lambda t, now: tcp_handshake(t, now=now)),
-])
-def test_each_timeout_expires_on_time(name: str,
-                                      make: Callable[[StateTable, float], object]) -> None:
+@pytest.mark.parametrize(
+    ("name", "make"),
+    [
+        ("udp.first", lambda t, now: send(t, udp(), now)),
+        ("icmp.first", lambda t, now: send(t, packets.icmp_echo(A, B, 3), now)),
+        ("other.first", lambda t, now: send(t, gre(), now)),
+        ("tcp.first", lambda t, now: send(t, packets.tcp(A, B, 1, 2, SYN, 10), now)),
+        ("tcp.established", lambda t, now: tcp_handshake(t, now=now)),
+    ],
+)
+def test_each_timeout_expires_on_time(
+    name: str, make: Callable[[StateTable, float], object]
+) -> None:
     table = StateTable()
     make(table, 50.0)
     limit = 50.0 + timeout_of(name)
@@ -388,7 +423,7 @@ def test_live_states_survive_purge() -> None:
     table = StateTable()
     send(table, udp(), 0.0)
     send(table, udp(sport=1), 0.0)
-    send(table, udp(), 50.0)                          # refreshed: now udp.single from 50
+    send(table, udp(), 50.0)  # refreshed: now udp.single from 50
     assert table.purge(60.0, maxcheck=10) == 1
     assert table.count == 1
     assert table.purge(79.9, maxcheck=10) == 0
@@ -412,8 +447,8 @@ def test_incremental_purge_bounds_the_work_per_call() -> None:
 
 def test_incremental_purge_sweeps_live_and_expired_states() -> None:
     table = StateTable()
-    udp_flows(table, 10, now=0.0, first_port=100)       # expire at 60
-    udp_flows(table, 10, now=50.0, first_port=200)      # expire at 110
+    udp_flows(table, 10, now=0.0, first_port=100)  # expire at 60
+    udp_flows(table, 10, now=50.0, first_port=200)  # expire at 110
     total = 0
     for _ in range(30):
         n = table.purge(100.0, maxcheck=3)
@@ -424,7 +459,7 @@ def test_incremental_purge_sweeps_live_and_expired_states() -> None:
 
 
 def test_default_maxcheck_is_one_plus_states_per_interval() -> None:
-    table = StateTable()                            # interval 10
+    table = StateTable()  # interval 10
     udp_flows(table, 100, now=0.0)
     assert table.purge(1000.0) == 1 + 100 // 10
     table2 = StateTable(TableConfig(timeouts={"interval": 50}))
@@ -435,8 +470,8 @@ def test_default_maxcheck_is_one_plus_states_per_interval() -> None:
 def test_states_created_during_a_sweep_are_seen_by_the_next_sweep() -> None:
     table = StateTable()
     udp_flows(table, 6, now=0.0, first_port=100)
-    assert table.purge(1000.0, maxcheck=2) == 2          # sweep started
-    udp_flows(table, 3, now=0.0, first_port=500)         # added mid-sweep, also expired
+    assert table.purge(1000.0, maxcheck=2) == 2  # sweep started
+    udp_flows(table, 3, now=0.0, first_port=500)  # added mid-sweep, also expired
     total = 2
     for _ in range(10):
         total += table.purge(1000.0, maxcheck=2)
@@ -446,7 +481,7 @@ def test_states_created_during_a_sweep_are_seen_by_the_next_sweep() -> None:
 def test_states_removed_mid_sweep_are_not_removed_twice() -> None:
     table = StateTable()
     states = udp_flows(table, 6, now=0.0)
-    assert table.purge(1000.0, maxcheck=1) == 1          # queue snapshot taken
+    assert table.purge(1000.0, maxcheck=1) == 1  # queue snapshot taken
     table.kill(states[3])
     table.kill(states[4])
     total = 1
@@ -473,9 +508,16 @@ def test_purged_flow_starts_a_fresh_state() -> None:
 ADAPTIVE = TableConfig(timeouts={"adaptive.start": 4, "adaptive.end": 8})
 
 
-@pytest.mark.parametrize(("states", "lifetime"), [
-    (1, 60.0), (4, 60.0), (5, 45.0), (6, 30.0), (7, 15.0),
-])
+@pytest.mark.parametrize(
+    ("states", "lifetime"),
+    [
+        (1, 60.0),
+        (4, 60.0),
+        (5, 45.0),
+        (6, 30.0),
+        (7, 15.0),
+    ],
+)
 def test_adaptive_scaling_between_start_and_end(states: int, lifetime: float) -> None:
     table = StateTable(ADAPTIVE)
     flows = udp_flows(table, states, now=0.0)
@@ -516,6 +558,7 @@ def test_adaptive_off_when_start_is_not_below_end() -> None:
 
 # ---- listener events ---------------------------------------------------------------------
 
+
 def test_events_for_a_tcp_connection() -> None:
     table = StateTable()
     recorder = Recorder()
@@ -525,7 +568,7 @@ def test_events_for_a_tcp_connection() -> None:
     assert all(e.state is st for e in recorder.events)
     recorder.clear()
     assert send(table, packets.tcp(A, B, 40000, 80, ACK, 10**9, 901, payload=b"x")) == BLOCK
-    assert send(table, packets.tcp(A, B, 40001, 80, ACK, 1, 1)) == BLOCK   # no state
+    assert send(table, packets.tcp(A, B, 40001, 80, ACK, 1, 1)) == BLOCK  # no state
     send(table, packets.icmp_error(R, A, 3, 1, quoted(packets.tcp(A, B, 40000, 80, ACK, 1))))
     assert recorder.events == []
     table.kill(st)
@@ -588,6 +631,7 @@ def test_listener_set_later_sees_only_later_changes() -> None:
 
 # ---- identity, insert, clear -------------------------------------------------------------
 
+
 def test_ids_and_get_by_id() -> None:
     table = StateTable(TableConfig(hostid=0xABCD, id_base=1000))
     a, b = udp_flows(table, 2)
@@ -604,8 +648,9 @@ def test_ids_and_get_by_id() -> None:
     assert c.id == 1003
 
 
-def peer_state(key: bytes, proto: int = 17, id: int = 77, creatorid: int = 0xBEEF,
-               now: float = T0) -> State:
+def peer_state(
+    key: bytes, proto: int = 17, id: int = 77, creatorid: int = 0xBEEF, now: float = T0
+) -> State:
     st = State(key, proto, id, creatorid, now)
     st.state = SINGLE
     st.timeout = tmo.UDP_SINGLE
@@ -636,10 +681,10 @@ def test_insert_a_peer_state() -> None:
 def test_insert_refuses_duplicates() -> None:
     table = StateTable()
     assert table.insert(peer_state(FLOW_KEY))
-    assert table.insert(peer_state(FLOW_KEY, id=78)) is False               # same key
+    assert table.insert(peer_state(FLOW_KEY, id=78)) is False  # same key
     assert table.insert(peer_state(keys.reverse(FLOW_KEY), id=79)) is False  # reversed key
     other_key = decoded(udp(sport=6000))[1]
-    assert table.insert(peer_state(other_key, id=77)) is False              # same identity
+    assert table.insert(peer_state(other_key, id=77)) is False  # same identity
     assert table.pfres[PFRES_STATEINS] == 3
     assert table.count == 1
     # A local state's flow is a duplicate too.
@@ -687,7 +732,7 @@ def test_clear_everything() -> None:
     table = StateTable()
     udp_flows(table, 3)
     tcp_handshake(table)
-    send(table, packets.tcp(A, B, 40001, 80, SYN, 1))                # half-open
+    send(table, packets.tcp(A, B, 40001, 80, SYN, 1))  # half-open
     send(table, packets.icmp_echo(A, B, 1))
     send(table, packets.udp(A6, B6, 1, 2))
     assert table.count == 7 and table.half_open == 1
@@ -719,20 +764,21 @@ def test_clear_counters() -> None:
     table = StateTable(TableConfig(limit_states=2))
     tcp_handshake(table)
     send(table, packets.tcp(A, B, 40001, 80, SYN, 1))
-    send(table, packets.tcp(A, B, 40002, 80, SYN, 1))                # state-limit
-    send(table, packets.tcp(A, B, 40003, 80, ACK, 1, 1))             # no state
+    send(table, packets.tcp(A, B, 40002, 80, SYN, 1))  # state-limit
+    send(table, packets.tcp(A, B, 40003, 80, ACK, 1, 1))  # no state
     assert table.pfres[PFRES_MAXSTATES] == 1 and table.blocked == 2
     table.clear_counters()
     assert table.pfres == [0] * len(table.pfres)
     assert table.fcounters == [0, 0, 0]
     assert table.passed == 0 and table.blocked == 0
-    assert table.count == 2 and table.half_open == 1              # gauges, not counters
-    assert send(table, udp()) == BLOCK                            # still full
+    assert table.count == 2 and table.half_open == 1  # gauges, not counters
+    assert send(table, udp()) == BLOCK  # still full
     assert table.pfres[PFRES_MAXSTATES] == 1
     assert table.fcounters[FCNT_STATE_SEARCH] == 1
 
 
 # ---- IPv6 --------------------------------------------------------------------------------
+
 
 def test_ipv6_tcp_connection() -> None:
     table = StateTable()
@@ -761,17 +807,22 @@ def test_ipv6_states_purge_and_clear() -> None:
     table = StateTable()
     send(table, packets.udp(A6, B6, 1, 2), 0.0)
     send(table, packets.icmp_echo(A6, B6, 5), 0.0)
-    assert table.purge(20.0, maxcheck=10) == 1      # icmp.first
-    assert table.purge(60.0, maxcheck=10) == 1      # udp.first
+    assert table.purge(20.0, maxcheck=10) == 1  # icmp.first
+    assert table.purge(60.0, maxcheck=10) == 1  # udp.first
     assert table.count == 0
 
 
 def test_searches_count_every_packet() -> None:
     table = StateTable()
-    frames = [udp(), udp(B, A, 53, 5000), gre(), packets.icmp_echo(A, B, 1),
-              packets.tcp(A, B, 1, 2, ACK, 1, 1), packets.icmp_error(R, A, 3, 1, quoted(udp()))]
+    frames = [
+        udp(),
+        udp(B, A, 53, 5000),
+        gre(),
+        packets.icmp_echo(A, B, 1),
+        packets.tcp(A, B, 1, 2, ACK, 1, 1),
+        packets.icmp_error(R, A, 3, 1, quoted(udp())),
+    ]
     for frame in frames:
         send(table, frame)
     assert table.fcounters[FCNT_STATE_SEARCH] == len(frames)
     assert table.fcounters[FCNT_STATE_INSERT] == 3
-

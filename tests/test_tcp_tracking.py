@@ -14,17 +14,36 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from statetable import (BLOCK, PASS, RemoveReason, StateInserted, StateRemoved, StateTable,
-                        TableConfig,
-                        decode_frame)
+from statetable import (
+    BLOCK,
+    PASS,
+    RemoveReason,
+    StateInserted,
+    StateRemoved,
+    StateTable,
+    TableConfig,
+    decode_frame,
+)
 from statetable import timeouts as tmo
-from statetable.vtw import VtwConfig
-from statetable.counters import (FCNT_STATE_INSERT, FCNT_STATE_REMOVALS, FCNT_STATE_SEARCH,
-                                 PFRES_BADSTATE)
+from statetable.counters import (
+    FCNT_STATE_INSERT,
+    FCNT_STATE_REMOVALS,
+    FCNT_STATE_SEARCH,
+    PFRES_BADSTATE,
+)
 from statetable.events import Event
-from statetable.state import (CLOSED, CLOSING, ESTABLISHED, FIN_WAIT_2, SYN_SENT, TIME_WAIT,
-                              Peer, State)
+from statetable.state import (
+    CLOSED,
+    CLOSING,
+    ESTABLISHED,
+    FIN_WAIT_2,
+    SYN_SENT,
+    TIME_WAIT,
+    Peer,
+    State,
+)
 from statetable.table import UNLINKED
+from statetable.vtw import VtwConfig
 from tests import packets
 from tests.packets import ACK, FIN, PSH, RST, SYN
 
@@ -32,7 +51,7 @@ M = 0xFFFFFFFF
 H = 0x80000000
 MAXACKWINDOW = 65535 + 1500
 T0 = 1000.0
-TW_REMOTE = 60          # TIME_WAIT of the "remote" MSLT class: 2 x 30 s
+TW_REMOTE = 60  # TIME_WAIT of the "remote" MSLT class: 2 x 30 s
 
 # ---- helpers -------------------------------------------------------------------------
 
@@ -40,19 +59,34 @@ TW_REMOTE = 60          # TIME_WAIT of the "remote" MSLT class: 2 x 30 s
 class Conn:
     """One TCP connection (client -> server) through a real StateTable."""
 
-    def __init__(self, table: StateTable | None = None, v6: bool = False,
-                 client: str | None = None, server: str | None = None,
-                 cport: int = 49152, sport: int = 443) -> None:
+    def __init__(
+        self,
+        table: StateTable | None = None,
+        v6: bool = False,
+        client: str | None = None,
+        server: str | None = None,
+        cport: int = 49152,
+        sport: int = 443,
+    ) -> None:
         # VTW off by default: these tests look at the full state through TIME_WAIT too.
-        self.table = table if table is not None else StateTable(
-            TableConfig(vtw=VtwConfig(enable=False)))
+        self.table = (
+            table if table is not None else StateTable(TableConfig(vtw=VtwConfig(enable=False)))
+        )
         self.client = client or ("2001:db8::c" if v6 else "10.1.0.1")
         self.server = server or ("2001:db8::5" if v6 else "10.2.0.2")
         self.cport, self.sport = cport, sport
         self.now = T0
 
-    def send(self, from_client: bool, flags: int, seq: int, ack: int = 0, win: int = 65535,
-             dlen: int = 0, options: bytes = b"") -> int:
+    def send(
+        self,
+        from_client: bool,
+        flags: int,
+        seq: int,
+        ack: int = 0,
+        win: int = 65535,
+        dlen: int = 0,
+        options: bytes = b"",
+    ) -> int:
         if from_client:
             src, dst, sp, dp = self.client, self.server, self.cport, self.sport
         else:
@@ -62,13 +96,27 @@ class Conn:
         assert isinstance(pkt, tuple), pkt
         return self.table.test(pkt, self.now)
 
-    def c(self, flags: int, seq: int, ack: int = 0, win: int = 65535, dlen: int = 0,
-          options: bytes = b"") -> int:
+    def c(
+        self,
+        flags: int,
+        seq: int,
+        ack: int = 0,
+        win: int = 65535,
+        dlen: int = 0,
+        options: bytes = b"",
+    ) -> int:
         """A segment from the client."""
         return self.send(True, flags, seq, ack, win, dlen, options)
 
-    def s(self, flags: int, seq: int, ack: int = 0, win: int = 65535, dlen: int = 0,
-          options: bytes = b"") -> int:
+    def s(
+        self,
+        flags: int,
+        seq: int,
+        ack: int = 0,
+        win: int = 65535,
+        dlen: int = 0,
+        options: bytes = b"",
+    ) -> int:
         """A segment from the server."""
         return self.send(False, flags, seq, ack, win, dlen, options)
 
@@ -86,13 +134,21 @@ class Conn:
         return self.table.pfres[PFRES_BADSTATE]
 
 
-def handshake(conn: Conn, cisn: int = 1000, sisn: int = 5000, cwin: int = 65535,
-              swin: int = 65535, cws: int | None = None, sws: int | None = None,
-              ack_win: int | None = None) -> None:
+def handshake(
+    conn: Conn,
+    cisn: int = 1000,
+    sisn: int = 5000,
+    cwin: int = 65535,
+    swin: int = 65535,
+    cws: int | None = None,
+    sws: int | None = None,
+    ack_win: int | None = None,
+) -> None:
     """SYN, SYN|ACK, ACK; every one must pass."""
     assert conn.c(SYN, cisn, win=cwin, options=packets.tcp_options(1460, cws)) == PASS
-    assert conn.s(SYN | ACK, sisn, cisn + 1, win=swin,
-                  options=packets.tcp_options(1460, sws)) == PASS
+    assert (
+        conn.s(SYN | ACK, sisn, cisn + 1, win=swin, options=packets.tcp_options(1460, sws)) == PASS
+    )
     assert conn.c(ACK, cisn + 1, sisn + 1, win=cwin if ack_win is None else ack_win) == PASS
 
 
@@ -120,6 +176,7 @@ def seq_geq(a: int, b: int) -> bool:
 
 # ---- handshake ------------------------------------------------------------------------
 
+
 def test_syn_creates_a_half_open_state() -> None:
     conn = Conn()
     assert conn.c(SYN, 1000, win=64240) == PASS
@@ -139,7 +196,7 @@ def test_syn_ack_gives_established_syn_sent() -> None:
     assert conn.peers() == (ESTABLISHED, SYN_SENT)
     assert conn.st.timeout == tmo.TCP_OPENING
     assert conn.st.dst.seqlo == 5001 and conn.st.dst.max_win == 28960
-    assert conn.st.seqhi == 1001 + 28960      # client may send one server window
+    assert conn.st.seqhi == 1001 + 28960  # client may send one server window
 
 
 def test_ack_completes_the_handshake() -> None:
@@ -155,7 +212,7 @@ def test_half_open_counter_follows_the_source_peer() -> None:
     table = conn.table
     conn.c(SYN, 1000)
     assert table.half_open == 1
-    conn.s(SYN | ACK, 5000, 1001)             # source peer now ESTABLISHED
+    conn.s(SYN | ACK, 5000, 1001)  # source peer now ESTABLISHED
     assert table.half_open == 0
     conn.c(ACK, 1001, 5001)
     assert table.half_open == 0
@@ -186,6 +243,7 @@ def test_retransmitted_syn_passes() -> None:
 
 
 # ---- close shapes and timeouts ------------------------------------------------------------
+
 
 def test_client_close_first_walks_the_timeouts() -> None:
     conn = established()
@@ -230,7 +288,7 @@ def test_server_close_first_reaches_fin_wait_2_both() -> None:
 def test_simultaneous_close() -> None:
     conn = established()
     assert conn.c(FIN | ACK, 1001, 5001) == PASS
-    assert conn.s(FIN | ACK, 5001, 1001) == PASS        # sent before the client's FIN arrived
+    assert conn.s(FIN | ACK, 5001, 1001) == PASS  # sent before the client's FIN arrived
     assert conn.st.state >= CLOSING and conn.st.dst.state >= CLOSING
     assert conn.st.timeout in (tmo.TCP_FINWAIT, tmo.TCP_CLOSED)
     assert conn.c(ACK, 1002, 5002) == PASS
@@ -259,7 +317,7 @@ def test_data_then_close_with_fin_on_the_last_segment() -> None:
     conn = established()
     assert conn.c(ACK | PSH, 1001, 5001, dlen=300) == PASS
     assert conn.s(ACK | PSH, 5001, 1301, dlen=2000) == PASS
-    assert conn.c(FIN | ACK, 1301, 7001, dlen=10) == PASS          # data + FIN
+    assert conn.c(FIN | ACK, 1301, 7001, dlen=10) == PASS  # data + FIN
     assert conn.st.seqlo == 1312
     assert conn.s(FIN | ACK, 7001, 1312) == PASS
     assert conn.c(ACK, 1312, 7002) == PASS
@@ -268,6 +326,7 @@ def test_data_then_close_with_fin_on_the_last_segment() -> None:
 
 
 # ---- RST ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("delta", [-1, 0, 1])
 def test_rst_exact_match_passes_and_sets_time_wait(delta: int) -> None:
@@ -308,14 +367,15 @@ def test_rst_with_seq_off_the_mark_is_blocked(offset: int) -> None:
 
 # ---- windows -----------------------------------------------------------------------------
 
+
 def test_data_up_to_the_window_passes_and_one_byte_more_is_blocked() -> None:
-    conn = established(swin=1000)               # the server offers 1000 bytes
+    conn = established(swin=1000)  # the server offers 1000 bytes
     assert conn.st.seqhi == 1001 + 1000
     assert conn.c(ACK | PSH, 1001, 5001, dlen=1001) == BLOCK
     assert conn.mismatches == 1
     assert conn.c(ACK | PSH, 1001, 5001, dlen=1000) == PASS
-    assert conn.c(ACK | PSH, 2001, 5001, dlen=1) == BLOCK           # window is full
-    assert conn.s(ACK, 5001, 2001, win=1000) == PASS                # acked, window reopens
+    assert conn.c(ACK | PSH, 2001, 5001, dlen=1) == BLOCK  # window is full
+    assert conn.s(ACK, 5001, 2001, win=1000) == PASS  # acked, window reopens
     assert conn.c(ACK | PSH, 2001, 5001, dlen=1000) == PASS
     assert conn.mismatches == 2
 
@@ -331,9 +391,9 @@ def test_zero_window_allows_one_byte_probe() -> None:
     conn = established()
     conn.c(ACK | PSH, 1001, 5001, dlen=100)
     assert conn.s(ACK, 5001, 1101, win=0) == PASS
-    assert conn.st.seqhi == 1001 + 65535        # seqhi never shrinks
+    assert conn.st.seqhi == 1001 + 65535  # seqhi never shrinks
     conn2 = established(swin=0)
-    assert conn2.st.seqhi == 1002               # ack + max(0, 1)
+    assert conn2.st.seqhi == 1002  # ack + max(0, 1)
     assert conn2.c(ACK | PSH, 1001, 5001, dlen=1) == PASS
     assert conn2.c(ACK | PSH, 1002, 5001, dlen=1) == BLOCK
 
@@ -350,7 +410,7 @@ def test_retransmission_within_one_window_back_passes() -> None:
     # Exactly one window back (seq == seqlo - max_win) passes; one byte further is blocked.
     assert conn.c(ACK | PSH, 2801 - 1000, 5001, dlen=100) == PASS
     assert conn.c(ACK | PSH, 2801 - 1001, 5001, dlen=100) == BLOCK
-    assert conn.st.seqlo == 2801                # retransmissions do not move seqlo back
+    assert conn.st.seqlo == 2801  # retransmissions do not move seqlo back
     assert conn.mismatches == 1
 
 
@@ -378,11 +438,10 @@ def test_syn_window_has_the_scale_removed() -> None:
     conn = Conn()
     assert conn.c(SYN, 1000, win=65535, options=packets.tcp_options(1460, 7)) == PASS
     assert conn.st.wscale == 0x87
-    assert conn.st.max_win == 512               # ceil(65535 / 128)
-    assert conn.s(SYN | ACK, 5000, 1001, win=65535,
-                  options=packets.tcp_options(1460, 3)) == PASS
+    assert conn.st.max_win == 512  # ceil(65535 / 128)
+    assert conn.s(SYN | ACK, 5000, 1001, win=65535, options=packets.tcp_options(1460, 3)) == PASS
     assert conn.st.dst.wscale == 0x83
-    assert conn.st.dst.max_win == 8192          # ceil(65535 / 8)
+    assert conn.st.dst.max_win == 8192  # ceil(65535 / 8)
     assert conn.st.dst.seqhi == 5001 + (512 << 7)
     assert conn.st.seqhi == 1001 + (8192 << 3)
 
@@ -390,13 +449,12 @@ def test_syn_window_has_the_scale_removed() -> None:
 def test_window_scaling_when_both_syns_carry_it() -> None:
     conn = Conn()
     assert conn.c(SYN, 1000, win=1280, options=packets.tcp_options(1460, 7)) == PASS
-    assert conn.s(SYN | ACK, 5000, 1001, win=800,
-                  options=packets.tcp_options(1460, 3)) == PASS
-    assert conn.st.dst.seqhi == 5001 + 1280     # SYN windows are not scaled
+    assert conn.s(SYN | ACK, 5000, 1001, win=800, options=packets.tcp_options(1460, 3)) == PASS
+    assert conn.st.dst.seqhi == 5001 + 1280  # SYN windows are not scaled
     assert conn.st.seqhi == 1001 + 800
-    assert conn.c(ACK, 1001, 5001, win=20) == PASS                  # 20 << 7 = 2560 bytes
+    assert conn.c(ACK, 1001, 5001, win=20) == PASS  # 20 << 7 = 2560 bytes
     assert conn.st.dst.seqhi == 5001 + 2560
-    assert conn.s(ACK, 5001, 1001, win=1000) == PASS                # 1000 << 3 = 8000 bytes
+    assert conn.s(ACK, 5001, 1001, win=1000) == PASS  # 1000 << 3 = 8000 bytes
     assert conn.st.seqhi == 1001 + 8000
     assert conn.st.dst.max_win == 1000
     assert conn.c(ACK | PSH, 1001, 5001, win=20, dlen=8001) == BLOCK
@@ -414,7 +472,7 @@ def test_large_window_scale_shift_14() -> None:
     assert conn.s(ACK, 5001, 1001, win=65535) == PASS
     assert conn.st.seqhi == (1001 + (65535 << 14)) & M
     seq = 1001
-    for _ in range(20):                         # far beyond 64 KiB, all within the window
+    for _ in range(20):  # far beyond 64 KiB, all within the window
         assert conn.c(ACK | PSH, seq, 5001, win=4, dlen=60000) == PASS
         seq += 60000
     assert conn.mismatches == 0
@@ -424,14 +482,13 @@ def test_large_window_scale_shift_14() -> None:
 def test_window_scaling_needs_both_sides(cws: int | None, sws: int | None) -> None:
     conn = Conn()
     assert conn.c(SYN, 1000, win=65535, options=packets.tcp_options(1460, cws)) == PASS
-    assert conn.s(SYN | ACK, 5000, 1001, win=20000,
-                  options=packets.tcp_options(1460, sws)) == PASS
+    assert conn.s(SYN | ACK, 5000, 1001, win=20000, options=packets.tcp_options(1460, sws)) == PASS
     assert conn.st.wscale == 0 and conn.st.dst.wscale == 0
-    assert conn.st.max_win == 65535             # client's window restored, unscaled
+    assert conn.st.max_win == 65535  # client's window restored, unscaled
     assert conn.c(ACK, 1001, 5001, win=30000) == PASS
-    assert conn.st.dst.seqhi == 5001 + 65535    # 30000 was not shifted past the SYN window
+    assert conn.st.dst.seqhi == 5001 + 65535  # 30000 was not shifted past the SYN window
     assert conn.s(ACK, 5001, 1001, win=1000) == PASS
-    assert conn.c(ACK | PSH, 1001, 5001, dlen=20001) == BLOCK       # 20000: SYN|ACK window
+    assert conn.c(ACK | PSH, 1001, 5001, dlen=20001) == BLOCK  # 20000: SYN|ACK window
     assert conn.c(ACK | PSH, 1001, 5001, dlen=20000) == PASS
 
 
@@ -445,17 +502,18 @@ def test_wscale_on_a_later_segment_is_ignored() -> None:
 
 # ---- sequence wrap -----------------------------------------------------------------------
 
+
 def test_sequence_numbers_wrap_around() -> None:
     cisn, sisn = 2**32 - 50, 2**32 - 20000
     conn = established(cisn, sisn)
     cseq, sseq = (cisn + 1) & M, (sisn + 1) & M
-    assert conn.c(ACK | PSH, cseq, sseq, dlen=1000) == PASS          # crosses 2**32
+    assert conn.c(ACK | PSH, cseq, sseq, dlen=1000) == PASS  # crosses 2**32
     cseq = (cseq + 1000) & M
     assert cseq == 951
     assert conn.st.seqlo == 951
     assert conn.s(ACK | PSH, sseq, cseq, dlen=15000) == PASS
     sseq = (sseq + 15000) & M
-    assert conn.s(ACK | PSH, sseq, cseq, dlen=15000) == PASS          # crosses 2**32
+    assert conn.s(ACK | PSH, sseq, cseq, dlen=15000) == PASS  # crosses 2**32
     sseq = (sseq + 15000) & M
     assert sseq == 10001
     assert conn.c(ACK, cseq, sseq) == PASS
@@ -477,6 +535,7 @@ def test_out_of_window_detection_across_the_wrap() -> None:
 
 
 # ---- after close: pf's loose match (one side done) and TIME_WAIT (both done) -----------
+
 
 def half_closed_conn() -> Conn:
     """The client closed and was acked, the server still sends: (FIN_WAIT_2, ESTABLISHED)."""
@@ -541,8 +600,8 @@ def test_loose_match_blocks_data_more_than_maxackwindow_behind() -> None:
 def test_time_wait_blocks_what_pf_would_loosely_pass() -> None:
     conn = closed_conn()
     conn.now = T0 + 30
-    assert conn.c(ACK, 1102, 5002 + 100000) == BLOCK        # acks data never sent
-    assert conn.c(ACK | PSH, 1102, 5002, dlen=10) == BLOCK   # new data after close
+    assert conn.c(ACK, 1102, 5002 + 100000) == BLOCK  # acks data never sent
+    assert conn.c(ACK | PSH, 1102, 5002, dlen=10) == BLOCK  # new data after close
     assert conn.st.expire == T0 + 1 + TW_REMOTE
     assert conn.mismatches == 2
 
@@ -550,10 +609,10 @@ def test_time_wait_blocks_what_pf_would_loosely_pass() -> None:
 def test_retransmitted_fin_in_time_wait_restarts_the_timer() -> None:
     conn = closed_conn()
     conn.now = T0 + 30
-    assert conn.c(FIN | ACK, 1101, 5002) == PASS        # retransmitted FIN
+    assert conn.c(FIN | ACK, 1101, 5002) == PASS  # retransmitted FIN
     assert conn.st.expire == T0 + 30 + TW_REMOTE
     assert conn.st.timeout == tmo.TIME_WAIT
-    assert conn.s(ACK, 5002, 1102) == PASS               # and the other side's re-ACK
+    assert conn.s(ACK, 5002, 1102) == PASS  # and the other side's re-ACK
     assert conn.mismatches == 0
 
 
@@ -567,6 +626,7 @@ def test_fin_before_the_server_answered_moves_client_to_closing() -> None:
 
 
 # ---- state reuse ----------------------------------------------------------------------------
+
 
 def test_pure_syn_on_a_closed_state_reuses_it() -> None:
     conn = closed_conn()
@@ -606,7 +666,7 @@ def test_reuse_by_a_syn_from_the_other_side() -> None:
     new = conn.st
     assert new is not old
     sa, sp, da, dp = new.endpoints()
-    assert sp == conn.sport and dp == conn.cport     # keyed from the server's SYN
+    assert sp == conn.sport and dp == conn.cport  # keyed from the server's SYN
 
 
 def test_reuse_after_rst() -> None:
@@ -624,7 +684,7 @@ def test_syn_on_a_state_not_fully_closed_is_not_reused() -> None:
     conn.s(ACK, 5001, 1002)
     assert conn.peers() == (FIN_WAIT_2, ESTABLISHED)
     old = conn.st
-    conn.c(SYN, 9000)                               # tracked, not reused
+    conn.c(SYN, 9000)  # tracked, not reused
     assert conn.st is old
     assert conn.table.fcounters[FCNT_STATE_INSERT] == 1
     assert conn.table.fcounters[FCNT_STATE_REMOVALS] == 0
@@ -652,19 +712,20 @@ def test_syn_ack_on_a_closed_state_is_not_a_reuse() -> None:
 
 # ---- counters --------------------------------------------------------------------------------
 
+
 def test_search_insert_removal_counters() -> None:
     conn = Conn()
-    handshake(conn)                                 # 3 searches, 1 insert
-    close_client_first(conn, 1001, 5001)            # 4 more searches
+    handshake(conn)  # 3 searches, 1 insert
+    close_client_first(conn, 1001, 5001)  # 4 more searches
     fc = conn.table.fcounters
     assert fc[FCNT_STATE_SEARCH] == 7
     assert fc[FCNT_STATE_INSERT] == 1
     assert fc[FCNT_STATE_REMOVALS] == 0
-    conn.c(SYN, 10)                                 # reuse: one removal, one insert
+    conn.c(SYN, 10)  # reuse: one removal, one insert
     assert fc[FCNT_STATE_SEARCH] == 8
     assert fc[FCNT_STATE_INSERT] == 2
     assert fc[FCNT_STATE_REMOVALS] == 1
-    assert Conn(conn.table, cport=1).c(ACK, 5, 5) == BLOCK     # a search too
+    assert Conn(conn.table, cport=1).c(ACK, 5, 5) == BLOCK  # a search too
     assert fc[FCNT_STATE_SEARCH] == 9
     assert conn.table.passed == 8 and conn.table.blocked == 1
 
@@ -674,11 +735,12 @@ def test_packet_and_byte_counters_per_peer() -> None:
     conn.c(ACK | PSH, 1001, 5001, dlen=100)
     conn.s(ACK | PSH, 5001, 1101, dlen=1000)
     st = conn.st
-    assert st.packets == 3 and st.bytes == 44 + 40 + 140          # SYN carries an MSS
+    assert st.packets == 3 and st.bytes == 44 + 40 + 140  # SYN carries an MSS
     assert st.dst.packets == 2 and st.dst.bytes == 44 + 1040
 
 
 # ---- property tests: generated correct conversations ---------------------------------------
+
 
 @dataclass(frozen=True)
 class Seg:
@@ -699,14 +761,14 @@ class End:
 
     isn: int
     offer: int | None
-    shift: int = 0              # its receive window's scale, once both sides offered one
+    shift: int = 0  # its receive window's scale, once both sides offered one
     snd_nxt: int = 0
     rcv_nxt: int = 0
-    right_edge: int = 0         # it may send up to here (peer's ack + window, as delivered)
-    win: int = 65535            # the window field it puts in its segments
+    right_edge: int = 0  # it may send up to here (peer's ack + window, as delivered)
+    win: int = 65535  # the window field it puts in its segments
     fin_sent: bool = False
     fin_rcvd: bool = False
-    last: tuple[int, int, bool] | None = None      # its latest segment: (seq, dlen, fin)
+    last: tuple[int, int, bool] | None = None  # its latest segment: (seq, dlen, fin)
 
 
 @dataclass
@@ -734,8 +796,15 @@ class Model:
         self.queues: dict[bool, list[tuple[int, int, int, int, bool]]] = {True: [], False: []}
         self.segments: list[Seg] = []
 
-    def emit(self, client: bool, flags: int, seq: int, dlen: int = 0,
-             options: bytes = b"", win: int | None = None) -> None:
+    def emit(
+        self,
+        client: bool,
+        flags: int,
+        seq: int,
+        dlen: int = 0,
+        options: bytes = b"",
+        win: int | None = None,
+    ) -> None:
         me = self.ends[client]
         win = me.win if win is None else win
         ack = me.rcv_nxt if flags & ACK else 0
@@ -800,14 +869,14 @@ def conversations(draw: st.DrawFn, shapes: tuple[str, ...] = SHAPES) -> Conversa
 
     # Handshake (SYN windows are never scaled).
     client.snd_nxt = client.isn
-    model.emit(True, SYN, client.isn, options=packets.tcp_options(1460, cws),
-               win=draw(SYN_WIN))
+    model.emit(True, SYN, client.isn, options=packets.tcp_options(1460, cws), win=draw(SYN_WIN))
     model.deliver(True)
     syn_win = model.segments[-1].win
     server.right_edge = server.isn + 1 + syn_win
     server.snd_nxt = server.isn
-    model.emit(False, SYN | ACK, server.isn, options=packets.tcp_options(1460, sws),
-               win=draw(SYN_WIN))
+    model.emit(
+        False, SYN | ACK, server.isn, options=packets.tcp_options(1460, sws), win=draw(SYN_WIN)
+    )
     model.deliver(False)
     client.right_edge = client.isn + 1 + model.segments[-1].win
     client.win = draw(WIN)
@@ -830,11 +899,18 @@ def conversations(draw: st.DrawFn, shapes: tuple[str, ...] = SHAPES) -> Conversa
                 actions.append(("deliver", side))
             if me.last is not None:
                 actions.append(("retransmit", side))
-            if not me.fin_sent and model.room(side) >= 1 and (may_fin[side] or (
-                    shape in ("client_first", "server_first") and me.fin_rcvd)):
+            if (
+                not me.fin_sent
+                and model.room(side) >= 1
+                and (may_fin[side] or (shape in ("client_first", "server_first") and me.fin_rcvd))
+            ):
                 actions.append(("fin", side))
-        if shape == "simultaneous" and not client.fin_sent and model.room(True) >= 1 \
-                and model.room(False) >= 1:
+        if (
+            shape == "simultaneous"
+            and not client.fin_sent
+            and model.room(True) >= 1
+            and model.room(False) >= 1
+        ):
             actions.append(("fins", True))
         kind, side = draw(st.sampled_from(actions))
         me = model.ends[side]
@@ -856,7 +932,7 @@ def conversations(draw: st.DrawFn, shapes: tuple[str, ...] = SHAPES) -> Conversa
             model.emit(side, ACK | (FIN if fin else PSH), seq, dlen)
         elif kind == "fin":
             model.emit(side, FIN | ACK, me.snd_nxt)
-        else:                                   # both FINs cross on the wire
+        else:  # both FINs cross on the wire
             first = draw(st.booleans())
             for s in (first, not first):
                 model.emit(s, FIN | ACK, model.ends[s].snd_nxt)
@@ -896,14 +972,15 @@ def replay(conv: Conversation) -> Conn:
     seqlo: dict[bool, int | None] = {True: None, False: None}
     for i, seg in enumerate(conv.segments):
         conn.now = T0 + i
-        verdict = conn.send(seg.client, seg.flags, seg.seq & M, seg.ack & M, seg.win, seg.dlen,
-                            seg.options)
+        verdict = conn.send(
+            seg.client, seg.flags, seg.seq & M, seg.ack & M, seg.win, seg.dlen, seg.options
+        )
         assert verdict == PASS, (i, seg)
         assert conn.mismatches == 0, i
         st = conn.st
         for side, peer in ((True, st), (False, st.dst)):
             if peer.seqlo == 0 and seqlo[side] is None:
-                continue                        # server side not seen yet
+                continue  # server side not seen yet
             old = seqlo[side]
             if old is not None:
                 assert seq_geq(peer.seqlo, old), (i, side, old, peer.seqlo)
@@ -918,18 +995,26 @@ def test_generated_conversations_pass_every_packet(conv: Conversation) -> None:
     assert conn.peers() == conv.final, conv.shape
     assert conn.table.count == 1
     assert conn.table.half_open == 0
-    expected_timeout = {(FIN_WAIT_2, FIN_WAIT_2): tmo.TIME_WAIT,
-                        (TIME_WAIT, TIME_WAIT): tmo.TIME_WAIT,
-                        (ESTABLISHED, ESTABLISHED): tmo.TCP_ESTABLISHED}[conv.final]
+    expected_timeout = {
+        (FIN_WAIT_2, FIN_WAIT_2): tmo.TIME_WAIT,
+        (TIME_WAIT, TIME_WAIT): tmo.TIME_WAIT,
+        (ESTABLISHED, ESTABLISHED): tmo.TCP_ESTABLISHED,
+    }[conv.final]
     assert conn.st.timeout == expected_timeout
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(conv=conversations(), from_client=st.booleans(), extra=st.integers(1, 1 << 20),
-       dlen=st.integers(0, 1400), fin=st.booleans())
-def test_segment_far_beyond_seqhi_is_blocked(conv: Conversation, from_client: bool, extra: int,
-                                             dlen: int, fin: bool) -> None:
-    assume(dlen > 0 or fin)                     # a bare ACK's seq is not checked by pf
+@given(
+    conv=conversations(),
+    from_client=st.booleans(),
+    extra=st.integers(1, 1 << 20),
+    dlen=st.integers(0, 1400),
+    fin=st.booleans(),
+)
+def test_segment_far_beyond_seqhi_is_blocked(
+    conv: Conversation, from_client: bool, extra: int, dlen: int, fin: bool
+) -> None:
+    assume(dlen > 0 or fin)  # a bare ACK's seq is not checked by pf
     conn = replay(conv)
     st = conn.st
     src, dst = (st, st.dst) if from_client else (st.dst, st)
@@ -946,10 +1031,8 @@ def test_segment_far_beyond_seqhi_is_blocked(conv: Conversation, from_client: bo
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(conv=conversations(shapes=("client_first", "server_first", "simultaneous")),
-       isn=ISN)
-def test_new_syn_after_any_generated_close_reuses_the_state(conv: Conversation,
-                                                            isn: int) -> None:
+@given(conv=conversations(shapes=("client_first", "server_first", "simultaneous")), isn=ISN)
+def test_new_syn_after_any_generated_close_reuses_the_state(conv: Conversation, isn: int) -> None:
     conn = replay(conv)
     old = conn.st
     assert conn.c(SYN, isn) == PASS
@@ -959,10 +1042,15 @@ def test_new_syn_after_any_generated_close_reuses_the_state(conv: Conversation,
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(conv=conversations(shapes=("client_first", "server_first", "simultaneous")),
-       from_client=st.booleans(), dlen=st.integers(1, 1400), data=st.data())
+@given(
+    conv=conversations(shapes=("client_first", "server_first", "simultaneous")),
+    from_client=st.booleans(),
+    dlen=st.integers(1, 1400),
+    data=st.data(),
+)
 def test_after_close_new_data_is_blocked_and_duplicates_pass(
-        conv: Conversation, from_client: bool, dlen: int, data: st.DataObject) -> None:
+    conv: Conversation, from_client: bool, dlen: int, data: st.DataObject
+) -> None:
     # TIME_WAIT: a segment adding sequence space is refused; one repeating data already
     # seen (at most one window back) is a retransmission and passes.
     conn = replay(conv)

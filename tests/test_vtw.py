@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import ipaddress
 import tracemalloc
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -19,16 +20,22 @@ from pydantic import ValidationError
 
 from statetable import BLOCK, PASS, StateTable, TableConfig, keys
 from statetable import timeouts as tmo
-from statetable.counters import (FCNT_STATE_INSERT, FCNT_STATE_SEARCH, PFRES_BADSTATE,
-                                 PFRES_MATCH)
-from statetable.events import (Event, RemoveReason, StateInserted, StateVestigial,
-                               VestigialRemoved)
+from statetable.counters import FCNT_STATE_INSERT, FCNT_STATE_SEARCH, PFRES_BADSTATE, PFRES_MATCH
+from statetable.events import Event, RemoveReason, StateInserted, StateVestigial, VestigialRemoved
 from statetable.mslt import CLASSLESS, LOCAL, LOOPBACK, REMOTE, MsltConfig, Network
 from statetable.state import CLOSED, FIN_WAIT_2, SYN_SENT, TIME_WAIT, Peer, State
 from statetable.vtw import PeerView, Pool, Vestigial, VtwConfig, VtwStats
 from tests.packets import ACK, FIN, PSH, RST, SYN
-from tests.test_tcp_tracking import (M, T0, Conn, Conversation, close_client_first,
-                                     conversations, handshake, replay)
+from tests.test_tcp_tracking import (
+    T0,
+    Conn,
+    Conversation,
+    M,
+    close_client_first,
+    conversations,
+    handshake,
+    replay,
+)
 
 LIFETIME = {LOOPBACK: 2.0, LOCAL: 10.0, REMOTE: 60.0, CLASSLESS: 60.0}
 NETS: list[Network] = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8:1::/64")]
@@ -36,16 +43,29 @@ NETS: list[Network] = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network(
 
 # ---- helpers -------------------------------------------------------------------------------
 
+
 def vtw_table(**config: Any) -> StateTable:
     """A table with VTW on (the default) and the given TableConfig fields."""
     return StateTable(TableConfig(**config))
 
 
-def closed(table: StateTable, at: float = T0, client: str | None = None,
-           server: str | None = None, cport: int = 49152, sport: int = 443) -> Conn:
+def closed(
+    table: StateTable,
+    at: float = T0,
+    client: str | None = None,
+    server: str | None = None,
+    cport: int = 49152,
+    sport: int = 443,
+) -> Conn:
     """A connection opened and closed client-first at time ``at`` (all four FIN steps)."""
-    conn = Conn(table, v6=client is not None and ":" in client, client=client, server=server,
-                cport=cport, sport=sport)
+    conn = Conn(
+        table,
+        v6=client is not None and ":" in client,
+        client=client,
+        server=server,
+        cport=cport,
+        sport=sport,
+    )
     conn.now = at
     handshake(conn)
     close_client_first(conn, 1001, 5001)
@@ -58,8 +78,12 @@ def ip(addr: str) -> bytes:
 
 def client_key(conn: Conn) -> bytes:
     """The key the connection's state and record are stored under (client -> server)."""
-    return ip(conn.client) + ip(conn.server) + conn.cport.to_bytes(2, "big") + \
-        conn.sport.to_bytes(2, "big")
+    return (
+        ip(conn.client)
+        + ip(conn.server)
+        + conn.cport.to_bytes(2, "big")
+        + conn.sport.to_bytes(2, "big")
+    )
 
 
 def only_record(table: StateTable) -> Vestigial:
@@ -75,8 +99,9 @@ def peer_view(p: Peer) -> PeerView:
 
 def record_of(st_: State, expire: float, cls: int) -> Vestigial:
     """What a full state in TIME_WAIT must look like as a record."""
-    return Vestigial(st_.key, st_.id, st_.creatorid, peer_view(st_), peer_view(st_.dst),
-                     expire, cls)
+    return Vestigial(
+        st_.key, st_.id, st_.creatorid, peer_view(st_), peer_view(st_.dst), expire, cls
+    )
 
 
 def tcp_states(table: StateTable) -> list[State]:
@@ -89,13 +114,13 @@ CLASS_CASES = [
     # (client, server, local_nets, expected class)
     ("127.0.0.1", "127.0.0.1", [], LOOPBACK),
     ("127.0.0.1", "127.9.8.7", [], LOOPBACK),
-    ("192.0.2.7", "192.0.2.7", [], LOOPBACK),              # equal addresses
+    ("192.0.2.7", "192.0.2.7", [], LOOPBACK),  # equal addresses
     ("10.1.0.1", "10.2.0.2", NETS, LOCAL),
-    ("10.1.0.1", "192.0.2.1", NETS, REMOTE),                # only one end local
+    ("10.1.0.1", "192.0.2.1", NETS, REMOTE),  # only one end local
     ("10.1.0.1", "10.2.0.2", [], REMOTE),
     ("::1", "::1", [], LOOPBACK),
     ("2001:db8:1::c", "2001:db8:1::5", NETS, LOCAL),
-    ("fe80::1", "fe80::2", [], LOCAL),                      # link-local is on-link
+    ("fe80::1", "fe80::2", [], LOCAL),  # link-local is on-link
     ("2001:db8:1::c", "2001:db8:2::5", NETS, REMOTE),
     ("2001:db8:2::c", "2001:db8:3::5", [], REMOTE),
 ]
@@ -103,7 +128,8 @@ CLASS_CASES = [
 
 @pytest.mark.parametrize("client,server,nets,cls", CLASS_CASES)
 def test_closed_connection_becomes_a_record_of_its_mslt_class(
-        client: str, server: str, nets: list[Network], cls: int) -> None:
+    client: str, server: str, nets: list[Network], cls: int
+) -> None:
     """A closed connection leaves the main table for one record of the right class and expiry."""
     table = vtw_table(local_nets=nets)
     conn = closed(table, client=client, server=server)
@@ -119,7 +145,8 @@ def test_closed_connection_becomes_a_record_of_its_mslt_class(
 
 @pytest.mark.parametrize("client,server,nets,cls", CLASS_CASES)
 def test_mslt_off_makes_every_record_classless_with_60_seconds(
-        client: str, server: str, nets: list[Network], cls: int) -> None:
+    client: str, server: str, nets: list[Network], cls: int
+) -> None:
     """With MSLT off the class is 0 and TIME_WAIT lasts 2 x the remote MSL, whatever the ends."""
     table = vtw_table(local_nets=nets, mslt=MsltConfig(enable=False))
     closed(table, client=client, server=server)
@@ -135,8 +162,10 @@ def test_changing_the_loopback_msl_changes_new_records_only() -> None:
     table.mslt.config.loopback = 7
     closed(table, at=T0 + 1, client="127.0.0.1", server="127.0.0.1", cport=1001)
     expiries = {rec.key[-4:-2]: rec.expire for rec in table.vestigial()}
-    assert expiries == {(1000).to_bytes(2, "big"): T0 + 2.0,
-                        (1001).to_bytes(2, "big"): T0 + 1 + 14.0}
+    assert expiries == {
+        (1000).to_bytes(2, "big"): T0 + 2.0,
+        (1001).to_bytes(2, "big"): T0 + 1 + 14.0,
+    }
 
 
 def test_rst_closed_connection_is_a_record_too() -> None:
@@ -151,6 +180,7 @@ def test_rst_closed_connection_is_a_record_too() -> None:
 
 
 # ---- the record's fields -------------------------------------------------------------------
+
 
 def _scaled_close(conn: Conn) -> None:
     handshake(conn, cisn=4_294_967_000, sisn=77, cws=7, sws=2, ack_win=501)
@@ -174,8 +204,7 @@ def _rst_close(conn: Conn) -> None:
 
 
 @pytest.mark.parametrize("close", [_plain_close, _scaled_close, _rst_close])
-def test_record_fields_equal_the_full_state_just_before(close: Callable[[Conn], None]
-                                                        ) -> None:
+def test_record_fields_equal_the_full_state_just_before(close: Callable[[Conn], None]) -> None:
     """key, id, creatorid and both peers' seqlo/seqhi/max_win/wscale/state survive the move;
     they also equal what the same packets leave in a VTW-off table's full state."""
     on, off = vtw_table(), StateTable(TableConfig(vtw=VtwConfig(enable=False)))
@@ -191,8 +220,13 @@ def test_record_fields_equal_the_full_state_just_before(close: Callable[[Conn], 
     close(Conn(off))
     rec = only_record(on)
     assert len(seen) == 1
-    assert (rec.key, rec.id, rec.creatorid, rec.src, rec.dst) == \
-        (seen[0].key, seen[0].id, seen[0].creatorid, seen[0].src, seen[0].dst)
+    assert (rec.key, rec.id, rec.creatorid, rec.src, rec.dst) == (
+        seen[0].key,
+        seen[0].id,
+        seen[0].creatorid,
+        seen[0].src,
+        seen[0].dst,
+    )
     full = tcp_states(off)[0]
     assert full.timeout == tmo.TIME_WAIT
     assert rec == record_of(full, full.expire, REMOTE)
@@ -200,6 +234,7 @@ def test_record_fields_equal_the_full_state_just_before(close: Callable[[Conn], 
 
 
 # ---- late segments -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("from_client", [True, False])
 def test_late_retransmitted_fin_passes_and_restarts_the_timer(from_client: bool) -> None:
@@ -214,7 +249,7 @@ def test_late_retransmitted_fin_passes_and_restarts_the_timer(from_client: bool)
     rec = only_record(table)
     assert rec.expire == T0 + 45 + 60
     assert table.pfres[PFRES_BADSTATE] == 0 and table.count == 0
-    conn.now = T0 + 100                      # past the first expiry, before the restarted one
+    conn.now = T0 + 100  # past the first expiry, before the restarted one
     assert table.purge(conn.now) == 0
     assert conn.c(ACK, 1002, 5002) == PASS
 
@@ -288,24 +323,29 @@ def test_syn_with_other_flags_is_no_reuse(flags: int) -> None:
     assert table.count == 0 and table.vtw.live == 1
 
 
-@pytest.mark.parametrize("from_client,dlen,fin", [(True, 100, False), (False, 1, False),
-                                                  (True, 0, True), (False, 10, True)])
-def test_new_data_after_close_is_a_state_mismatch(from_client: bool, dlen: int,
-                                                   fin: bool) -> None:
+@pytest.mark.parametrize(
+    "from_client,dlen,fin",
+    [(True, 100, False), (False, 1, False), (True, 0, True), (False, 10, True)],
+)
+def test_new_data_after_close_is_a_state_mismatch(from_client: bool, dlen: int, fin: bool) -> None:
     """A segment adding sequence space after both FINs is blocked; the record is untouched."""
     table = vtw_table()
     conn = closed(table)
     before = only_record(table)
     conn.now = T0 + 3
     flags = ACK | (FIN if fin else PSH)
-    verdict = conn.c(flags, 1002, 5002, dlen=dlen) if from_client else \
-        conn.s(flags, 5002, 1002, dlen=dlen)
+    verdict = (
+        conn.c(flags, 1002, 5002, dlen=dlen)
+        if from_client
+        else conn.s(flags, 5002, 1002, dlen=dlen)
+    )
     assert verdict == BLOCK
     assert table.pfres[PFRES_BADSTATE] == 1 and table.blocked == 1
     assert only_record(table) == before
 
 
 # ---- the pool: eviction, expiry, resize -----------------------------------------------------
+
 
 def test_full_pool_evicts_the_oldest_record() -> None:
     """entries=8 holds 7 records; the 8th close evicts the first one (kill, EVICTED event)."""
@@ -341,15 +381,17 @@ def test_purge_expires_records_exactly_at_their_expiry() -> None:
     assert table.vtw.stats.dels == 2
 
 
-@pytest.mark.parametrize("flags,verdict,created", [(ACK, BLOCK, 0), (FIN | ACK, BLOCK, 0),
-                                                  (SYN, PASS, 1)])
-def test_packet_after_expiry_before_purge_sees_no_state(flags: int, verdict: int,
-                                                        created: int) -> None:
+@pytest.mark.parametrize(
+    "flags,verdict,created", [(ACK, BLOCK, 0), (FIN | ACK, BLOCK, 0), (SYN, PASS, 1)]
+)
+def test_packet_after_expiry_before_purge_sees_no_state(
+    flags: int, verdict: int, created: int
+) -> None:
     """A due record is never matched: the packet is handled as if there were none."""
     table = vtw_table()
     conn = closed(table)
     conn.now = T0 + 60
-    matched = table.pfres[PFRES_MATCH]             # the implicit rule (block) or a creation
+    matched = table.pfres[PFRES_MATCH]  # the implicit rule (block) or a creation
     assert conn.c(flags, 1001 if flags & FIN else 1002, 5002 if flags & ACK else 0) == verdict
     assert table.vtw.live == 0 and table.vtw.stats.dels == 1
     assert table.pfres[PFRES_BADSTATE] == 0
@@ -387,10 +429,12 @@ def test_growing_the_pools_keeps_every_record() -> None:
 
 def _mixed_time_wait(table: StateTable) -> list[Conn]:
     """Closed connections of three classes and two families, plus one still open."""
-    conns = [closed(table, at=T0, client="10.1.0.1", server="10.2.0.2"),           # local
-             closed(table, at=T0 + 1, client="127.0.0.1", server="127.0.0.1"),     # loopback
-             closed(table, at=T0 + 2, client="192.0.2.1", server="198.51.100.1"),  # remote
-             closed(table, at=T0 + 3, client="2001:db8:1::c", server="2001:db8:1::5")]
+    conns = [
+        closed(table, at=T0, client="10.1.0.1", server="10.2.0.2"),  # local
+        closed(table, at=T0 + 1, client="127.0.0.1", server="127.0.0.1"),  # loopback
+        closed(table, at=T0 + 2, client="192.0.2.1", server="198.51.100.1"),  # remote
+        closed(table, at=T0 + 3, client="2001:db8:1::c", server="2001:db8:1::5"),
+    ]
     rst = Conn(table, cport=7000)
     rst.now = T0 + 4
     handshake(rst)
@@ -412,10 +456,12 @@ def test_vtw_off_and_on_again_keeps_every_time_wait_connection() -> None:
     table.set_vtw_enabled(False)
     assert list(table.vestigial()) == [] and table.vtw.live == 0
     assert table.count == 6
-    waiting = sorted((s for s in tcp_states(table) if s.timeout == tmo.TIME_WAIT),
-                     key=lambda s: s.key)
-    assert [record_of(s, table.expires_at(s), r.cls) for s, r in zip(waiting, records)] == \
-        records
+    waiting = sorted(
+        (s for s in tcp_states(table) if s.timeout == tmo.TIME_WAIT), key=lambda s: s.key
+    )
+    assert [
+        record_of(s, table.expires_at(s), r.cls) for s, r in zip(waiting, records, strict=True)
+    ] == records
 
     table.set_vtw_enabled(True)
     assert sorted(table.vestigial(), key=lambda r: r.key) == records
@@ -430,8 +476,7 @@ def test_vtw_switched_on_later_takes_over_full_time_wait_states() -> None:
     and verdicts for their late segments are unchanged."""
     table = StateTable(TableConfig(vtw=VtwConfig(enable=False), local_nets=NETS))
     conns = _mixed_time_wait(table)
-    waiting = {s.key: table.expires_at(s) for s in tcp_states(table)
-               if s.timeout == tmo.TIME_WAIT}
+    waiting = {s.key: table.expires_at(s) for s in tcp_states(table) if s.timeout == tmo.TIME_WAIT}
     assert len(waiting) == 5
     table.set_vtw_enabled(True)
     assert {r.key: r.expire for r in table.vestigial()} == waiting
@@ -445,6 +490,7 @@ def test_vtw_switched_on_later_takes_over_full_time_wait_states() -> None:
 
 # ---- lookups and statistics -----------------------------------------------------------------
 
+
 def test_time_wait_endpoint_finds_the_record_by_the_initiators_address_and_port() -> None:
     """The port hash answers "is client addr:port held by TIME_WAIT?" and counts each lookup."""
     table = vtw_table()
@@ -454,9 +500,8 @@ def test_time_wait_endpoint_finds_the_record_by_the_initiators_address_and_port(
     found = table.time_wait_endpoint(ip(conn.client), conn.cport)
     assert [r.key for r in found] == [client_key(conn)]
     assert (port.look, port.hit, port.miss) == (1, 1, 0)
-    assert [r.key for r in table.time_wait_endpoint(ip(other.client), 50000)] == \
-        [client_key(other)]
-    assert table.time_wait_endpoint(ip(conn.server), conn.sport) == []     # the responder
+    assert [r.key for r in table.time_wait_endpoint(ip(other.client), 50000)] == [client_key(other)]
+    assert table.time_wait_endpoint(ip(conn.server), conn.sport) == []  # the responder
     assert table.time_wait_endpoint(ip(conn.client), 49153) == []
     assert table.time_wait_endpoint(ip("10.9.9.9"), conn.cport) == []
     assert (port.look, port.hit, port.miss) == (5, 2, 3)
@@ -477,12 +522,12 @@ def test_connect_hash_statistics_add_up() -> None:
     searches = table.fcounters[FCNT_STATE_SEARCH]
     look, hit, miss = con.look, con.hit, con.miss
     a.now = b.now = c.now = T0 + 1
-    assert a.c(FIN | ACK, 1001, 5001) == PASS            # forward key: 1 hit
-    assert b.s(FIN | ACK, 5001, 1002) == PASS            # reverse: 1 miss then 1 hit
-    assert b.c(RST, 1002) == PASS                        # close: 1 hit
-    assert c.c(SYN, 4242) == PASS                        # reuse: 1 hit
+    assert a.c(FIN | ACK, 1001, 5001) == PASS  # forward key: 1 hit
+    assert b.s(FIN | ACK, 5001, 1002) == PASS  # reverse: 1 miss then 1 hit
+    assert b.c(RST, 1002) == PASS  # close: 1 hit
+    assert c.c(SYN, 4242) == PASS  # reuse: 1 hit
     stray = Conn(table, cport=3000)
-    assert stray.c(ACK, 1, 1) == BLOCK                   # no record: 2 misses
+    assert stray.c(ACK, 1, 1) == BLOCK  # no record: 2 misses
     assert table.fcounters[FCNT_STATE_SEARCH] == searches + 2 * 5
     assert (con.look - look, con.hit - hit, con.miss - miss) == (7, 4, 3)
     assert con.look == con.hit + con.miss
@@ -510,17 +555,17 @@ def test_events_for_every_way_a_record_comes_and_goes() -> None:
     conns[0].c(RST, 1002)
     conns[1].c(SYN, 7)
     assert table.kill_vestigial(lambda r: r.key == client_key(conns[2])) == 1
-    assert table.purge(T0 + 60) == 2                             # conns[3] and [4]
+    assert table.purge(T0 + 60) == 2  # conns[3] and [4]
     removed = [e for e in events if isinstance(e, VestigialRemoved)]
     assert [(e.key, e.reason) for e in removed] == [
         (client_key(conns[0]), RemoveReason.CLOSED),
         (client_key(conns[1]), RemoveReason.REUSED),
         (client_key(conns[2]), RemoveReason.KILLED),
         (client_key(conns[3]), RemoveReason.EXPIRED),
-        (client_key(conns[4]), RemoveReason.EXPIRED)]
+        (client_key(conns[4]), RemoveReason.EXPIRED),
+    ]
     assert all(e.id == ids[e.key] and e.creatorid == 1 for e in removed)
-    assert any(isinstance(e, StateInserted) and e.state.key == client_key(conns[1])
-               for e in events)
+    assert any(isinstance(e, StateInserted) and e.state.key == client_key(conns[1]) for e in events)
 
 
 def test_clear_flushes_records_with_an_event() -> None:
@@ -531,11 +576,13 @@ def test_clear_flushes_records_with_an_event() -> None:
     conn = closed(table)
     assert table.clear() == 1
     assert table.vtw.live == 0
-    assert [(e.key, e.reason) for e in events if isinstance(e, VestigialRemoved)] == \
-        [(client_key(conn), RemoveReason.FLUSHED)]
+    assert [(e.key, e.reason) for e in events if isinstance(e, VestigialRemoved)] == [
+        (client_key(conn), RemoveReason.FLUSHED)
+    ]
 
 
 # ---- configuration and memory ----------------------------------------------------------------
+
 
 def _ipv4_pool(entries: int) -> Pool:
     table = vtw_table(vtw=VtwConfig(entries=entries))
@@ -574,7 +621,7 @@ def test_a_creator_the_pool_cannot_name_stays_a_full_time_wait_state() -> None:
     table = vtw_table()
     closed(table, cport=1000)
     pool = table.vtw.pools[(4, REMOTE)]
-    pool.creator_ids.extend(range(2, 65538))       # as if 65,536 creators were seen
+    pool.creator_ids.extend(range(2, 65538))  # as if 65,536 creators were seen
     pool._creator_index.update((c, i + 1) for i, c in enumerate(range(2, 65538)))
     table.hostid = 0x77777777
     conn = closed(table, cport=2000)
@@ -582,8 +629,8 @@ def test_a_creator_the_pool_cannot_name_stays_a_full_time_wait_state() -> None:
     st = conn.st
     assert st.timeout == tmo.TIME_WAIT and st.creatorid == 0x77777777
     conn.now += 5
-    assert conn.c(FIN | ACK, 1001, 5001) == PASS                # a late FIN still passes
-    assert conn.c(ACK | PSH, 1002, 5002, dlen=10) == BLOCK      # new data does not
+    assert conn.c(FIN | ACK, 1001, 5001) == PASS  # a late FIN still passes
+    assert conn.c(ACK | PSH, 1002, 5002, dlen=10) == BLOCK  # new data does not
 
 
 @pytest.mark.parametrize("entries", [1000, 3, 2, 65535, 1 << 25])
@@ -634,10 +681,20 @@ STEP = st.one_of(st.just(0.0), st.floats(0, 5), st.floats(55, 130))
 @st.composite
 def tails(draw: st.DrawFn) -> list[Late]:
     """Extra segments: (from client, flags, seq delta, ack delta, dlen, time step, purge)."""
-    return draw(st.lists(st.tuples(
-        st.booleans(), st.sampled_from(TAIL_FLAGS), NEAR, NEAR,
-        st.one_of(st.just(0), st.integers(1, 1400)), STEP,
-        st.sampled_from([False, False, False, True])), max_size=12))
+    return draw(
+        st.lists(
+            st.tuples(
+                st.booleans(),
+                st.sampled_from(TAIL_FLAGS),
+                NEAR,
+                NEAR,
+                st.one_of(st.just(0), st.integers(1, 1400)),
+                STEP,
+                st.sampled_from([False, False, False, True]),
+            ),
+            max_size=12,
+        )
+    )
 
 
 def _time_wait_view(table: StateTable) -> list[tuple]:
@@ -652,8 +709,11 @@ def _time_wait_view(table: StateTable) -> list[tuple]:
 
 def _live_view(table: StateTable) -> list[tuple]:
     """Every TCP state not in TIME_WAIT."""
-    return sorted((s.key, s.id, peer_view(s), peer_view(s.dst), s.timeout, s.expire)
-                  for s in tcp_states(table) if s.timeout != tmo.TIME_WAIT)
+    return sorted(
+        (s.key, s.id, peer_view(s), peer_view(s.dst), s.timeout, s.expire)
+        for s in tcp_states(table)
+        if s.timeout != tmo.TIME_WAIT
+    )
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -661,12 +721,14 @@ def _live_view(table: StateTable) -> list[tuple]:
 def test_vtw_on_and_off_give_identical_verdicts(conv: Conversation, tail: list[Late]) -> None:
     """For any conversation plus late segments, VTW changes where TIME_WAIT lives, never a
     verdict, a PFRES counter, a purge count or a TIME_WAIT connection's fields."""
-    off = replay(conv)                                    # VTW off; every packet checked
+    off = replay(conv)  # VTW off; every packet checked
     on = Conn(vtw_table(vtw=VtwConfig(enable=True)))
     for i, seg in enumerate(conv.segments):
         on.now = T0 + i
-        assert on.send(seg.client, seg.flags, seg.seq & M, seg.ack & M, seg.win, seg.dlen,
-                       seg.options) == PASS, i
+        assert (
+            on.send(seg.client, seg.flags, seg.seq & M, seg.ack & M, seg.win, seg.dlen, seg.options)
+            == PASS
+        ), i
     assert on.table.pfres == off.table.pfres
     assert _time_wait_view(on.table) == _time_wait_view(off.table)
 
@@ -699,16 +761,15 @@ def test_a_pool_is_rebuilt_when_expiries_leave_its_tick_range() -> None:
     made weeks later rebuilds the pool around the new time, moving the live records and
     freeing those long due, and everything still matches exactly."""
     events: list[Event] = []
-    table = vtw_table(mslt=MsltConfig(remote=3600))             # TIME_WAIT 2 h
+    table = vtw_table(mslt=MsltConfig(remote=3600))  # TIME_WAIT 2 h
     table.listener = events.append
-    closed(table, at=T0, cport=1000)                           # due at T0 + 2 h
+    closed(table, at=T0, cport=1000)  # due at T0 + 2 h
     first = table.vtw.pools[(4, REMOTE)]
     late = closed(table, at=T0 + 30 * DAY, cport=2000)
     pool = table.vtw.pools[(4, REMOTE)]
     assert pool is not first and pool.fits(T0 + 30 * DAY)
     assert [keys.unpack(r.key)[1] for r in table.vestigial()] == [2000]
-    assert any(isinstance(e, VestigialRemoved) and e.reason is RemoveReason.EXPIRED
-               for e in events)
+    assert any(isinstance(e, VestigialRemoved) and e.reason is RemoveReason.EXPIRED for e in events)
     assert table.vtw.live == 1 and table.vtw.stats.ins - table.vtw.stats.dels == 1
     # The surviving record keeps its exact expiry and its behaviour.
     assert only_record(table).expire == T0 + 30 * DAY + 7200
@@ -724,12 +785,12 @@ def test_a_restart_past_the_tick_range_rebuilds_and_keeps_the_record() -> None:
     conn = closed(table, at=T0, cport=1000)
     pool = table.vtw.pools[(4, REMOTE)]
     slot = next(pool.slots())
-    shift = 0xFFFFFFFF - 1000 - pool.expire[slot]               # as if made ~48 days ago
+    shift = 0xFFFFFFFF - 1000 - pool.expire[slot]  # as if made ~48 days ago
     pool.base -= shift
     pool.expire[slot] += shift
     assert only_record(table).expire == T0 + 7200
     assert not pool.fits(T0 + 50 + 7200)
-    conn.now = T0 + 50                                         # before it is due
+    conn.now = T0 + 50  # before it is due
     assert conn.c(FIN | ACK, 1001, 5001) == PASS
     assert table.vtw.pools[(4, REMOTE)] is not pool
     assert table.vtw.live == 1 and only_record(table).expire == T0 + 50 + 7200

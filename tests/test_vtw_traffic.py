@@ -12,9 +12,9 @@ as a loopback-class record (127.0.0.1 or ::1 at both ends: 2 s of TIME_WAIT).
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -32,7 +32,7 @@ from tests.packets import ACK, FIN, PSH, RST
 
 pytestmark = pytest.mark.slow
 
-LOOPBACK_TIME_WAIT = 2.0          # 2 x the default loopback MSL of 1 s
+LOOPBACK_TIME_WAIT = 2.0  # 2 x the default loopback MSL of 1 s
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,8 @@ class Twin:
 
     on: StateTable = field(default_factory=lambda: StateTable(TableConfig()))
     off: StateTable = field(
-        default_factory=lambda: StateTable(TableConfig(vtw=VtwConfig(enable=False))))
+        default_factory=lambda: StateTable(TableConfig(vtw=VtwConfig(enable=False)))
+    )
     verdicts: list[int] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
 
@@ -74,8 +75,9 @@ class Twin:
         return on
 
 
-def capture(tmp_path: Path, shape: Callable[[], traffic.Connection]
-            ) -> tuple[traffic.Connection, list[Frame]]:
+def capture(
+    tmp_path: Path, shape: Callable[[], traffic.Connection]
+) -> tuple[traffic.Connection, list[Frame]]:
     """Run a traffic shape on an isolated loopback and read its capture back."""
     pcap = tmp_path / "capture.pcap"
     with traffic.isolated_loopback():
@@ -93,8 +95,12 @@ def capture(tmp_path: Path, shape: Callable[[], traffic.Connection]
 
 
 def client_key(conn: traffic.Connection) -> bytes:
-    return keys.make(ipaddress.ip_address(conn.client[0]).packed,
-                     ipaddress.ip_address(conn.server[0]).packed, conn.client[1], conn.server[1])
+    return keys.make(
+        ipaddress.ip_address(conn.client[0]).packed,
+        ipaddress.ip_address(conn.server[0]).packed,
+        conn.client[1],
+        conn.server[1],
+    )
 
 
 def replay_capture(twin: Twin, frames: list[Frame], key: bytes) -> float:
@@ -129,8 +135,17 @@ def new_data_after(conn: traffic.Connection, last: Frame, payload: bytes) -> byt
     """A client segment carrying new data just past the client's last sequence number."""
     _, _, flags, seq, ack, win, dlen, _, _ = last.pkt
     nxt = seq + dlen + (1 if flags & FIN else 0)
-    return packets.tcp(conn.client[0], conn.server[0], conn.client[1], conn.server[1],
-                       ACK | PSH, nxt, ack, win, payload)
+    return packets.tcp(
+        conn.client[0],
+        conn.server[0],
+        conn.client[1],
+        conn.server[1],
+        ACK | PSH,
+        nxt,
+        ack,
+        win,
+        payload,
+    )
 
 
 FIN_SHAPES = {
@@ -142,7 +157,8 @@ FIN_SHAPES = {
 
 @pytest.mark.parametrize("name", sorted(FIN_SHAPES))
 def test_orderly_close_becomes_a_loopback_record_and_late_fins_pass(
-        tmp_path: Path, name: str) -> None:
+    tmp_path: Path, name: str
+) -> None:
     """A kernel-closed connection is a 2 s loopback record; each side's captured last FIN,
     re-sent later, passes and restarts the timer; new data is blocked; purge ends it; and
     every verdict equals the VTW-off table's."""
@@ -174,17 +190,18 @@ def test_orderly_close_becomes_a_loopback_record_and_late_fins_pass(
     late = new_data_after(conn, client_fin, b"data after close")
     assert twin.send(late, client_fin.linktype, t2 + 0.1) == BLOCK
     assert twin.on.pfres[PFRES_BADSTATE] == 1
-    assert record(twin.on, key).expire == expire            # a blocked segment restarts nothing
+    assert record(twin.on, key).expire == expire  # a blocked segment restarts nothing
 
     assert twin.purge(expire - 0.001) == 0
     assert record(twin.on, key).expire == expire
     assert twin.purge(expire) == 1
     assert list(twin.on.vestigial()) == [] and twin.off.find(6, key) is None
-    assert [e.reason for e in twin.events if isinstance(e, VestigialRemoved)] == \
-        [RemoveReason.EXPIRED]
+    assert [e.reason for e in twin.events if isinstance(e, VestigialRemoved)] == [
+        RemoveReason.EXPIRED
+    ]
     matched = twin.on.pfres[PFRES_MATCH]
     assert twin.send(client_fin.data, client_fin.linktype, expire + 0.1) == BLOCK
-    assert twin.on.pfres[PFRES_MATCH] == matched + 1        # no state: the implicit block
+    assert twin.on.pfres[PFRES_MATCH] == matched + 1  # no state: the implicit block
     assert twin.on.pfres == twin.off.pfres
     assert len(twin.verdicts) == len(frames) + 4
 
@@ -204,7 +221,7 @@ def test_rst_abort_becomes_a_loopback_record_until_its_exact_rst(tmp_path: Path)
     assert rec.cls == LOOPBACK and rec.af == 4
     assert (rec.src.state, rec.dst.state) == (TIME_WAIT, TIME_WAIT)
     assert rec.expire == quantize(closed_at + LOOPBACK_TIME_WAIT)
-    assert rec.src.seqlo == rst.pkt[3]                     # the RST's seq is the client's next
+    assert rec.src.seqlo == rst.pkt[3]  # the RST's seq is the client's next
 
     server_last = [f for f in frames if f.pkt[1] == keys.reverse(key)][-1]
     t1 = closed_at + 1.0
@@ -214,16 +231,18 @@ def test_rst_abort_becomes_a_loopback_record_until_its_exact_rst(tmp_path: Path)
     late = new_data_after(conn, rst, b"data after abort")
     assert twin.send(late, rst.linktype, t1 + 0.1) == BLOCK
     _, _, flags, seq, ack, win, _, _, _ = rst.pkt
-    off_by_one = packets.tcp(conn.client[0], conn.server[0], conn.client[1], conn.server[1],
-                             flags, seq + 1, ack, win)
+    off_by_one = packets.tcp(
+        conn.client[0], conn.server[0], conn.client[1], conn.server[1], flags, seq + 1, ack, win
+    )
     assert twin.send(off_by_one, rst.linktype, t1 + 0.2) == BLOCK
     assert twin.on.pfres[PFRES_BADSTATE] == 2
     assert record(twin.on, key).expire == quantize(t1 + LOOPBACK_TIME_WAIT)
 
     assert twin.send(rst.data, rst.linktype, t1 + 0.3) == PASS
     assert list(twin.on.vestigial()) == [] and twin.off.find(6, key) is None
-    assert [e.reason for e in twin.events if isinstance(e, VestigialRemoved)] == \
-        [RemoveReason.CLOSED]
+    assert [e.reason for e in twin.events if isinstance(e, VestigialRemoved)] == [
+        RemoveReason.CLOSED
+    ]
     assert twin.send(server_last.data, server_last.linktype, t1 + 0.4) == BLOCK
     assert twin.purge(t1 + 10) == 0
     assert twin.on.pfres == twin.off.pfres

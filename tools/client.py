@@ -85,9 +85,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help=f"file holding the admin token (else env {TOKEN_ENV} holds the token)",
     )
-    parser.add_argument(
-        "--json", action="store_true", help="print machine-readable JSON on stdout"
-    )
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
 
 
 @dataclass(frozen=True)
@@ -98,9 +96,7 @@ class NodeTarget:
     token: str | None
 
 
-def resolve_target(
-    args: argparse.Namespace, environ: Mapping[str, str] = os.environ
-) -> NodeTarget:
+def resolve_target(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> NodeTarget:
     """Pick the node address and token from the parsed options, then the environment.
 
     Raises ``UsageError`` when the token file cannot be read or is empty: the user named
@@ -202,8 +198,11 @@ class Node:
         return ToolError(f"node {address}: {status}" + (f": {details}" if details else ""))
 
 
-_REFUSED_INPUT = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
-                  grpc.StatusCode.FAILED_PRECONDITION)
+_REFUSED_INPUT = (
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+)
 
 
 def run_tool(prog: str, body: Callable[[], int]) -> int:

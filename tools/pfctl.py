@@ -303,9 +303,7 @@ def _kill(
 def _run(argv: Sequence[str] | None) -> int:
     args: argparse.Namespace = build_parser().parse_args(argv)
     show = lookup_option(args.show, SHOW_MODIFIERS, "show") if args.show is not None else None
-    flush = (
-        lookup_option(args.flush, FLUSH_MODIFIERS, "flush") if args.flush is not None else None
-    )
+    flush = lookup_option(args.flush, FLUSH_MODIFIERS, "flush") if args.flush is not None else None
     # Checked (and names resolved) before connecting, so a bad -k changes nothing.
     kill = parse_kill(args.kill) if args.kill else None
     if args.kill_src_nodes:

@@ -33,8 +33,9 @@ from tools.client import (
 PROG = "pfsysctl"
 
 
-def node_lines(node: pb.SysctlNode, values_only: bool = False,
-               descriptions: bool = False) -> list[str]:
+def node_lines(
+    node: pb.SysctlNode, values_only: bool = False, descriptions: bool = False
+) -> list[str]:
     """The lines sysctl(8) prints for one node (one per field of a struct node)."""
     if descriptions:
         return [f"{node.name}: {node.description}"]
@@ -56,14 +57,20 @@ def _value_text(node: pb.SysctlNode) -> str:
 
 def _run(argv: Sequence[str] | None) -> int:
     parser = ToolArgumentParser(
-        prog=PROG, description="Read and set a pfsyncd node's sysctl tree (like sysctl(8)).")
+        prog=PROG, description="Read and set a pfsyncd node's sysctl tree (like sysctl(8))."
+    )
     parser.add_argument("-a", action="store_true", help="list every node")
-    parser.add_argument("-w", action="store_true",
-                        help="set: each argument is NAME=VALUE (admin call)")
+    parser.add_argument(
+        "-w", action="store_true", help="set: each argument is NAME=VALUE (admin call)"
+    )
     parser.add_argument("-n", action="store_true", help="print values without names")
     parser.add_argument("-d", action="store_true", help="print descriptions, not values")
-    parser.add_argument("names", nargs="*", metavar="NAME",
-                        help="node, subtree or STRUCT.FIELD names (NAME=VALUE with -w)")
+    parser.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help="node, subtree or STRUCT.FIELD names (NAME=VALUE with -w)",
+    )
     add_common_arguments(parser)
     args = parser.parse_args(argv)
     if args.a and (args.names or args.w):
@@ -85,9 +92,11 @@ def _run(argv: Sequence[str] | None) -> int:
                 name, _, value = item.partition("=")
                 reply = node.call(node.sysctl.Set, pb.SysctlSetRequest(name=name, value=value))
                 document.append(message_to_dict(reply))
-                lines.append(_value_text(reply.node) if args.n else
-                             f"{name}: {_value_text(reply.previous)} -> "
-                             f"{_value_text(reply.node)}")
+                lines.append(
+                    _value_text(reply.node)
+                    if args.n
+                    else f"{name}: {_value_text(reply.previous)} -> {_value_text(reply.node)}"
+                )
         else:
             for prefix in [""] if args.a else args.names:
                 listing = node.call(node.sysctl.List, pb.SysctlListRequest(prefix=prefix))
