@@ -37,9 +37,10 @@ from statetable.counters import (
     PFRES_STATEINS,
 )
 from statetable.events import (
-    Listener,
+    Origin,
     RemoveReason,
     StateInserted,
+    StateMoved,
     StateRemoved,
     StateUpdated,
     StateVestigial,
@@ -55,10 +56,13 @@ from statetable.mslt import (
     class_flags,
     stored_class,
 )
-from statetable.state import ESTABLISHED, FIN_WAIT_2, MULTIPLE, PACKET, SINGLE, State
+from statetable.state import ESTABLISHED, FIN_WAIT_2, MULTIPLE, PACKET, SINGLE, U16, State
 from statetable.vtw import TICKS, WSCALE_BITS, Pool, Vestigial, Vtw, VtwConfig, quantize
 
 PASS, BLOCK = 0, 1
+# Results of applying a sync peer's action (see StateTable.apply_state).
+APPLIED, STALE, UNKNOWN, FAILED, BADVAL = range(5)
+_SEQ_HALF = 1 << 31
 _SYN_ONLY_MASK = tcp.TH_SYN | tcp.TH_ACK | tcp.TH_RST | tcp.TH_FIN
 # State.timeout of a state already unlinked from the table (pf's PFTM_UNLINKED).
 UNLINKED = 22
@@ -66,6 +70,11 @@ UNLINKED = 22
 _UDP_TIMEOUTS = (tmo.UDP_FIRST, tmo.UDP_SINGLE, tmo.UDP_MULTIPLE)
 _OTHER_TIMEOUTS = (tmo.OTHER_FIRST, tmo.OTHER_SINGLE, tmo.OTHER_MULTIPLE)
 _TIME_WAIT = tmo.TIME_WAIT  # a module constant: one lookup less per TCP packet
+
+
+def _seq_gt(a: int, b: int) -> bool:
+    """TCP's SEQ_GT: ``a`` is after ``b`` in 32-bit sequence space."""
+    return 0 < (a - b) & 0xFFFFFFFF < _SEQ_HALF
 
 
 class TableConfig(BaseModel):
@@ -117,19 +126,31 @@ class StateTable:
         self.mslt = Mslt(config.mslt, config.local_nets)
         self.vtw = Vtw(config.vtw)
         self.vtw.on_remove = self._record_removed
-        # pfsync engine (or anything) that wants change events; None costs nothing.
-        self._listener: Listener | None = None
+        # Changes since the last take_changes(), while someone reads them (else None:
+        # nothing is recorded). See statetable.events.
+        self._changes: list[object] | None = None
+        # Who causes the changes being made: PEER while a sync peer's frame is applied.
+        self._origin = Origin.LOCAL
         self._purge_queue: list[State] = []
         self._purge_pos = 0
 
-    @property
-    def listener(self) -> Listener | None:
-        """Who receives change events (see :mod:`statetable.events`)."""
-        return self._listener
+    def record_changes(self, on: bool = True) -> None:
+        """Start (or stop) recording changes for :meth:`take_changes`."""
+        self._changes = [] if on else None
 
-    @listener.setter
-    def listener(self, listener: Listener | None) -> None:
-        self._listener = listener
+    def take_changes(self) -> list[object]:
+        """The changes since the last call, oldest first (see :mod:`statetable.events`):
+        a bare State for a packet that moved only windows, counters or expiry, an event
+        object for everything else. The owner hands the list to every consumer."""
+        changes = self._changes
+        if changes is None:
+            return []
+        self._changes = []
+        return changes
+
+    def _emit(self, event: object) -> None:
+        if self._changes is not None:
+            self._changes.append(event)
 
     # ---- per-packet path -------------------------------------------------------------
 
@@ -160,19 +181,23 @@ class StateTable:
                 st.traffic += PACKET + iplen
             else:
                 st.dst.traffic += PACKET + iplen
-            was_half_open = st.state < ESTABLISHED
+            old_src = st.state
+            old_dst = st.dst.state
             if not tcp.track(st, fwd, flags, seq, ack, win, dlen, opt, now):
                 self.pfres[PFRES_BADSTATE] += 1
                 self.blocked += 1
                 return BLOCK
-            if was_half_open and st.state >= ESTABLISHED:
+            if old_src < ESTABLISHED <= st.state:
                 self.half_open -= 1
                 if not st.flags & MSLT_FLAGS:
                     st.flags |= class_flags(self.mslt.classify(key))
             if st.state >= FIN_WAIT_2 and st.dst.state >= FIN_WAIT_2:
-                self._enter_time_wait(st, now)
-            elif self._listener is not None:
-                self._listener(StateUpdated(st))
+                self._enter_time_wait(st, now, old_src, old_dst)
+            elif self._changes is not None:
+                if st.state == old_src and st.dst.state == old_dst:
+                    self._changes.append(st)
+                else:
+                    self._changes.append(StateUpdated(st, old_src, old_dst))
             self.passed += 1
             return PASS
         if (proto == 1 or proto == 58) and opt is not None:
@@ -181,20 +206,23 @@ class StateTable:
 
     # ---- TIME_WAIT ---------------------------------------------------------------------
 
-    def _enter_time_wait(self, st: State, now: float) -> None:
-        """Both peers are done: TIME_WAIT for 2 x MSL, as a VTW record when enabled."""
+    def _enter_time_wait(
+        self, st: State, now: float, old_src: int, old_dst: int, expire: float | None = None
+    ) -> None:
+        """Both peers are done: TIME_WAIT for 2 x MSL (or until a peer's ``expire``), as
+        a VTW record when enabled."""
         cls = self.mslt.state_class(st.key, st.flags)
-        expire = quantize(now + self.mslt.time_wait(cls))
+        if expire is None:
+            expire = now + self.mslt.time_wait(cls)
+        expire = quantize(expire)
         if self.vtw.enabled and self.vtw.insert(st, cls, expire, now):
             self._unlink(st)
-            if self._listener is not None:
-                self._listener(StateVestigial(st))
+            self._emit(StateVestigial(st, expire, cls, old_src, old_dst, self._origin))
             return
         st.flags = (st.flags & ~MSLT_FLAGS) | class_flags(cls)
         st.timeout = tmo.TIME_WAIT
         st.expire = expire
-        if self._listener is not None:
-            self._listener(StateUpdated(st))
+        self._emit(StateUpdated(st, old_src, old_dst, self._origin))
 
     def _time_wait_segment(self, st: State, fwd: bool, pkt: tuple, now: float) -> int:
         """A segment for a full state in TIME_WAIT (VTW off)."""
@@ -209,8 +237,8 @@ class StateTable:
         if action == timewait.PASS:
             src.traffic += PACKET + iplen
             st.expire = quantize(now + self.mslt.time_wait(stored_class(st.flags)))
-            if self._listener is not None:
-                self._listener(StateUpdated(st))
+            if self._changes is not None:
+                self._changes.append(st)
         elif action == timewait.CLOSE:
             self.remove(st, RemoveReason.CLOSED)
         elif action == timewait.REOPEN:
@@ -254,9 +282,18 @@ class StateTable:
         return PASS
 
     def _record_removed(self, pool: Pool, slot: int, reason: RemoveReason) -> None:
-        if self._listener is not None:
-            self._listener(
-                VestigialRemoved(pool.key(slot), pool.ids[slot], pool.creator_of(slot), reason)
+        if self._changes is not None:
+            rec = pool.view(slot)
+            self._changes.append(
+                VestigialRemoved(
+                    rec.key,
+                    rec.id,
+                    rec.creatorid,
+                    rec.src.state,
+                    rec.dst.state,
+                    reason,
+                    self._origin,
+                )
             )
 
     def _no_tcp_state(self, pkt: tuple, now: float) -> int:
@@ -281,10 +318,12 @@ class StateTable:
             for st in sorted(waiting, key=lambda st: st.expire):  # pools keep age order
                 if self.vtw.insert(st, stored_class(st.flags), st.expire):
                     self._unlink(st)
+                    self._emit(StateMoved(st, True))
             return
         for st in self.vtw.drain():
             st.timeout = tmo.TIME_WAIT
             self._link(st, announce=False)
+            self._emit(StateMoved(st, False))
 
     def set_vtw_entries(self, entries: int) -> None:
         """Resize the VTW pools (the oldest records are evicted if they no longer fit)."""
@@ -347,6 +386,8 @@ class StateTable:
             src, dst = st.dst, st
         src.traffic += PACKET + iplen
         st.expire = now
+        old_src = st.state
+        old_dst = st.dst.state
         if proto == 1 or proto == 58:
             st.timeout = tmo.ICMP_ERROR  # pf: any matching ICMP query or reply
         else:
@@ -356,8 +397,12 @@ class StateTable:
                 dst.state = MULTIPLE
             first, single, multiple = _UDP_TIMEOUTS if proto == 17 else _OTHER_TIMEOUTS
             st.timeout = multiple if src.state == MULTIPLE and dst.state == MULTIPLE else single
-        if self._listener is not None:
-            self._listener(StateUpdated(st))
+        changes = self._changes
+        if changes is not None:
+            if st.state == old_src and st.dst.state == old_dst:
+                changes.append(st)
+            else:
+                changes.append(StateUpdated(st, old_src, old_dst))
         self.passed += 1
         return PASS
 
@@ -399,15 +444,17 @@ class StateTable:
         ids[st.id] = st
         self.count += 1
         self.fcounters[FCNT_STATE_INSERT] += 1
-        if announce and self._listener is not None:
-            self._listener(StateInserted(st))
+        if announce and self._changes is not None:
+            self._changes.append(StateInserted(st, self._origin))
 
     def insert(self, st: State) -> bool:
         """Insert a state built elsewhere (a sync peer's); False (counted) if it collides.
 
         A state whose key or (id, creatorid) is already present is refused with
         ``state-insert``; a full table refuses with ``state-limit``. A VTW record with
-        the same connection is superseded: the new state is the newer connection.
+        the same connection is superseded: the new state is the newer connection. A
+        state in TIME_WAIT (both peers >= FIN_WAIT_2) becomes a VTW record when VTW is
+        on, as a local one would; its ``expire`` is then its absolute expiry.
         """
         tab = self._by_proto.get(st.proto)
         if tab is None:
@@ -416,27 +463,210 @@ class StateTable:
         if st.key in tab or rkey in tab or self.get_by_id(st.id, st.creatorid) is not None:
             self.pfres[PFRES_STATEINS] += 1
             return False
-        if self.count >= self.limit_states:
-            self.pfres[PFRES_MAXSTATES] += 1
-            return False
-        if st.timeout >= tmo.PFTM_MAX:
+        time_wait = st.proto == 6 and st.state >= FIN_WAIT_2 and st.dst.state >= FIN_WAIT_2
+        if st.timeout >= tmo.PFTM_MAX and not (time_wait and st.timeout == tmo.TIME_WAIT):
             raise ValueError("a state must carry a real timeout to be inserted")
         if st.proto == 6 and self.vtw.live:
             hit = self.vtw.find(st.key, rkey)
             if hit is not None:
+                if self._record_identity(hit[0], hit[1]) == (st.id, st.creatorid):
+                    self.pfres[PFRES_STATEINS] += 1
+                    return False
                 self.vtw.remove(hit[0], hit[1], RemoveReason.REUSED)
+        if time_wait:
+            return self._insert_time_wait(st)
+        if self.count >= self.limit_states:
+            self.pfres[PFRES_MAXSTATES] += 1
+            return False
         if st.proto == 6 and st.state < ESTABLISHED:
             self.half_open += 1
         self._link(st)
         return True
+
+    def _insert_time_wait(self, st: State) -> bool:
+        """A connection already in TIME_WAIT joins the table (from a peer)."""
+        cls = self.mslt.state_class(st.key, st.flags)
+        if st.timeout == tmo.TIME_WAIT:
+            expire = quantize(st.expire)
+        else:
+            expire = quantize(st.expire + self.timeouts[st.timeout])
+        st.flags = (st.flags & ~MSLT_FLAGS) | class_flags(cls)
+        # The record and the events describe the connection as announced (inserted,
+        # then vestigial), so every consumer sees one story whatever the VTW mode.
+        if self.vtw.enabled and self.vtw.insert(st, cls, expire):
+            self.fcounters[FCNT_STATE_INSERT] += 1
+            self._emit(StateInserted(st, self._origin))
+            self._emit(StateVestigial(st, expire, cls, st.state, st.dst.state, self._origin))
+            return True
+        if self.count >= self.limit_states:
+            self.pfres[PFRES_MAXSTATES] += 1
+            return False
+        st.timeout = tmo.TIME_WAIT
+        st.expire = expire
+        self._link(st)
+        return True
+
+    # ---- a sync peer's changes (pfsync input) -----------------------------------------
+    #
+    # Each call applies one action of a peer's frame with Origin.PEER, so the events it
+    # causes are never sent back. Results: APPLIED; STALE when our copy is newer on at
+    # least one side (the caller sends it back); UNKNOWN for a compressed update of a
+    # state we do not hold (the caller asks for it); FAILED when it cannot be stored
+    # (key collision, full table: pfsync's badstate); BADVAL for values its protocol
+    # cannot have.
+
+    def apply_state(self, new: State, now: float) -> int:
+        """A peer's full state (INS, UPD, TIME_WAIT or bulk content): imported when
+        unknown, merged by pfsync's stale rule when known. ``new`` is kept if imported."""
+        if new.proto != 6 and (
+            new.state > MULTIPLE or new.dst.state > MULTIPLE or new.timeout == tmo.TIME_WAIT
+        ):
+            return BADVAL
+        self._origin = Origin.PEER
+        try:
+            cur = self.get_by_id(new.id, new.creatorid)
+            if cur is not None:
+                return self._merge(
+                    cur,
+                    new.timeout,
+                    new.expire,
+                    (new.state, new.seqlo, new.seqhi, new.max_win, new.wscale),
+                    (new.dst.state, new.dst.seqlo, new.dst.seqhi, new.dst.max_win, new.dst.wscale),
+                    now,
+                )
+            if new.proto == 6 and self.vtw.live:
+                found = self.vtw.find_id(new.id, new.creatorid)
+                if found is not None:
+                    return self._merge_record(new.state, new.dst.state)
+            if not new.flags & MSLT_FLAGS and new.state >= ESTABLISHED and new.proto == 6:
+                new.flags |= class_flags(self.mslt.classify(new.key))
+            return APPLIED if self.insert(new) else FAILED
+        finally:
+            self._origin = Origin.LOCAL
+
+    def apply_compressed(
+        self,
+        id: int,
+        creatorid: int,
+        timeout: int,
+        expires_in_ms: int,
+        src: tuple[int, int, int, int, int],
+        dst: tuple[int, int, int, int, int],
+        now: float,
+    ) -> int:
+        """A peer's compressed update (UPD_C): peers (state, seqlo, seqhi, max_win,
+        wscale), timeout and the milliseconds left at that timeout."""
+        self._origin = Origin.PEER
+        try:
+            cur = self.get_by_id(id, creatorid)
+            if cur is None:
+                if self.vtw.live and self.vtw.find_id(id, creatorid) is not None:
+                    return self._merge_record(src[0], dst[0])
+                return UNKNOWN
+            if cur.proto != 6 and (
+                src[0] > MULTIPLE or dst[0] > MULTIPLE or timeout == tmo.TIME_WAIT
+            ):
+                return BADVAL
+            if timeout == tmo.TIME_WAIT:
+                expire = now + expires_in_ms / 1000
+            else:
+                expire = now + expires_in_ms / 1000 - self.timeouts[timeout]
+            return self._merge(cur, timeout, expire, src, dst, now)
+        finally:
+            self._origin = Origin.LOCAL
+
+    def apply_delete(self, id: int, creatorid: int) -> bool:
+        """A peer's DEL_C: remove the state or TIME_WAIT record; False if unknown."""
+        self._origin = Origin.PEER
+        try:
+            st = self.get_by_id(id, creatorid)
+            if st is not None:
+                self.remove(st, RemoveReason.PEER)
+                return True
+            found = self.vtw.find_id(id, creatorid) if self.vtw.live else None
+            if found is None:
+                return False
+            self.vtw.remove(found[0], found[1], RemoveReason.PEER)
+            return True
+        finally:
+            self._origin = Origin.LOCAL
+
+    def _merge(
+        self,
+        st: State,
+        timeout: int,
+        expire: float,
+        src: tuple[int, int, int, int, int],
+        dst: tuple[int, int, int, int, int],
+        now: float,
+    ) -> int:
+        """pfsync's stale rule, side by side: our side wins when its peer state is
+        higher, or equal with a later seqlo (TCP); other protocols only go forward."""
+        old_src, old_dst = st.state, st.dst.state
+        tcp_state = st.proto == 6
+        stale = 0
+        for mine, theirs in ((st, src), (st.dst, dst)):
+            if mine.state > theirs[0] or (
+                tcp_state and mine.state == theirs[0] and _seq_gt(mine.seqlo, theirs[1])
+            ):
+                stale += 1
+            else:
+                mine.state, mine.seqlo, mine.seqhi = theirs[0], theirs[1], theirs[2]
+                mine.max_win, mine.wscale = U16[theirs[3]], theirs[4]
+        if stale < 2 and st.timeout != tmo.TIME_WAIT and timeout != tmo.TIME_WAIT:
+            st.timeout = timeout
+            st.expire = expire
+        if tcp_state:
+            if old_src < ESTABLISHED <= st.state:
+                self.half_open -= 1
+                if not st.flags & MSLT_FLAGS:
+                    st.flags |= class_flags(self.mslt.classify(st.key))
+            elif st.state < ESTABLISHED <= old_src:
+                self.half_open += 1
+            if st.state >= FIN_WAIT_2 and st.dst.state >= FIN_WAIT_2:
+                if st.timeout != tmo.TIME_WAIT:
+                    when = expire if timeout == tmo.TIME_WAIT else None
+                    self._enter_time_wait(st, now, old_src, old_dst, when)
+                    return STALE if stale else APPLIED
+            elif st.timeout == tmo.TIME_WAIT:
+                st.timeout = tmo.TCP_CLOSING  # a peer knows better: not closed after all
+        self._emit(StateUpdated(st, old_src, old_dst, Origin.PEER))
+        return STALE if stale else APPLIED
+
+    @staticmethod
+    def _merge_record(src_state: int, dst_state: int) -> int:
+        """A peer's update of a connection we hold as a TIME_WAIT record: TIME_WAIT is
+        the end, so the peer's copy can only be as new (nothing to do) or older (stale)."""
+        if src_state >= FIN_WAIT_2 and dst_state >= FIN_WAIT_2:
+            return APPLIED
+        return STALE
+
+    def _record_identity(self, pool: Pool, slot: int) -> tuple[int, int]:
+        return pool.ids[slot], pool.creator_of(slot)
+
+    def time_wait_states(self) -> Iterator[State]:
+        """Every VTW record as a detached full State in TIME_WAIT (bulk updates)."""
+        for pool, slot in self.vtw.records():
+            st = pool.to_state(slot)
+            st.timeout = tmo.TIME_WAIT
+            yield st
+
+    def time_wait_state(self, id: int, creatorid: int) -> State | None:
+        """One VTW record as a detached full State in TIME_WAIT, or None."""
+        found = self.vtw.find_id(id, creatorid) if self.vtw.live else None
+        if found is None:
+            return None
+        st = found[0].to_state(found[1])
+        st.timeout = tmo.TIME_WAIT
+        return st
 
     def remove(self, st: State, reason: RemoveReason) -> None:
         """Unlink a state; it may still sit in the purge queue, marked UNLINKED."""
         if st.timeout == UNLINKED:
             return
         self._unlink(st)
-        if self._listener is not None:
-            self._listener(StateRemoved(st, reason))
+        if self._changes is not None:
+            self._changes.append(StateRemoved(st, reason, self._origin))
 
     def _unlink(self, st: State) -> None:
         del self._by_proto[st.proto][st.key]
@@ -554,15 +784,25 @@ class StateTable:
         self.remove(st, RemoveReason.KILLED)
 
     def clear(
-        self, creatorid: int | None = None, reason: RemoveReason = RemoveReason.FLUSHED
+        self,
+        creatorid: int | None = None,
+        reason: RemoveReason = RemoveReason.FLUSHED,
+        origin: Origin = Origin.LOCAL,
     ) -> int:
-        """Remove every state and VTW record (of one creator, if given); returns how many."""
-        victims = self.ids_for(creatorid) if creatorid is not None else list(self.states())
-        for st in victims:
-            self.remove(st, reason)
-        records = self.kill_vestigial(
-            lambda rec: creatorid is None or rec.creatorid == creatorid, reason
-        )
+        """Remove every state and VTW record (of one creator, if given); returns how many.
+
+        ``origin`` is PEER for a sync peer's CLR (its events are then not sent back).
+        """
+        self._origin = origin
+        try:
+            victims = self.ids_for(creatorid) if creatorid is not None else list(self.states())
+            for st in victims:
+                self.remove(st, reason)
+            records = self.kill_vestigial(
+                lambda rec: creatorid is None or rec.creatorid == creatorid, reason
+            )
+        finally:
+            self._origin = Origin.LOCAL
         return len(victims) + records
 
     def clear_counters(self) -> None:

@@ -580,6 +580,13 @@ class Vtw:
                     return pool, slot, False
         return None
 
+    def find_id(self, id: int, creatorid: int) -> tuple[Pool, int] | None:
+        """(pool, slot) of the record with this sync identity, or None."""
+        for pool, slot in self.records():
+            if pool.ids[slot] == id and pool.creator_of(slot) == creatorid:
+                return pool, slot
+        return None
+
     def find_port(self, addr: bytes, port: int) -> list[tuple[Pool, int]]:
         """Records whose initiator is ``addr:port``, in every pool of that family."""
         af = 4 if len(addr) == 4 else 6

@@ -1,5 +1,5 @@
 """StateTable: creation policy, UDP/ICMP/other tracking, ICMP errors, limits, purge,
-adaptive timeouts, listener events, sync-style insert, clear and counters.
+adaptive timeouts, change events, sync-style insert, clear and counters.
 
 Real frames (tests/packets.py) go through decode_frame() and StateTable.test(); time is
 passed in explicitly, as the sans-I/O table expects.
@@ -19,7 +19,6 @@ from statetable import (
     RemoveReason,
     State,
     StateInserted,
-    StateRemoved,
     StateTable,
     StateUpdated,
     TableConfig,
@@ -36,9 +35,9 @@ from statetable.counters import (
     PFRES_MAXSTATES,
     PFRES_STATEINS,
 )
-from statetable.events import Event
 from statetable.state import CLOSED, ESTABLISHED, MULTIPLE, NO_TRAFFIC, SINGLE, SYN_SENT
 from tests import packets
+from tests.changes import Recorder
 from tests.packets import ACK, FIN, RST, SYN
 
 A, B, R = "10.0.0.1", "10.0.0.2", "10.0.0.254"
@@ -103,28 +102,6 @@ def tcp_handshake(
 
 def timeout_of(name: str) -> int:
     return tmo.DEFAULTS[tmo.BY_NAME[name]]
-
-
-class Recorder:
-    """A listener that keeps every event."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def __call__(self, event: Event) -> None:
-        self.events.append(event)
-
-    def kinds(self) -> list[str]:
-        out = []
-        for e in self.events:
-            if isinstance(e, StateRemoved):
-                out.append(f"removed:{e.reason.value}")
-            else:
-                out.append("inserted" if isinstance(e, StateInserted) else "updated")
-        return out
-
-    def clear(self) -> None:
-        self.events.clear()
 
 
 def test_table_config_rejects_unknown_and_negative_timeouts() -> None:
@@ -374,8 +351,7 @@ def test_state_limit_of_one_blocks_the_second_creation() -> None:
 
 def test_state_expires_exactly_at_expire_plus_timeout() -> None:
     table = StateTable()
-    recorder = Recorder()
-    table.listener = recorder
+    recorder = Recorder(table)
     send(table, udp(), 100.0)
     st = state_of(table, udp())
     assert table.expires_at(st) == 160.0
@@ -556,13 +532,12 @@ def test_adaptive_off_when_start_is_not_below_end() -> None:
     assert table0.expires_at(flows[0]) == 60.0
 
 
-# ---- listener events ---------------------------------------------------------------------
+# ---- change events ---------------------------------------------------------------------
 
 
 def test_events_for_a_tcp_connection() -> None:
     table = StateTable()
-    recorder = Recorder()
-    table.listener = recorder
+    recorder = Recorder(table)
     st = tcp_handshake(table)
     assert recorder.kinds() == ["inserted", "updated", "updated"]
     assert all(e.state is st for e in recorder.events)
@@ -577,8 +552,7 @@ def test_events_for_a_tcp_connection() -> None:
 
 def test_events_for_udp_and_purge() -> None:
     table = StateTable()
-    recorder = Recorder()
-    table.listener = recorder
+    recorder = Recorder(table)
     send(table, udp(), 0.0)
     send(table, udp(B, A, 53, 5000), 1.0)
     st = state_of(table, udp())
@@ -592,8 +566,7 @@ def test_events_for_udp_and_purge() -> None:
 
 def test_events_for_clear_with_reasons() -> None:
     table = StateTable()
-    recorder = Recorder()
-    table.listener = recorder
+    recorder = Recorder(table)
     udp_flows(table, 3)
     recorder.clear()
     assert table.clear() == 3
@@ -604,27 +577,33 @@ def test_events_for_clear_with_reasons() -> None:
     assert recorder.kinds() == ["removed:peer"] * 2
 
 
-def test_no_event_objects_are_built_without_a_listener(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_event_objects_are_built_without_a_reader(monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*args: object) -> None:
-        raise AssertionError("event built without a listener")
+        raise AssertionError("event built while nobody reads changes")
 
-    for name in ("StateInserted", "StateUpdated", "StateRemoved"):
+    for name in (
+        "StateInserted",
+        "StateUpdated",
+        "StateRemoved",
+        "StateVestigial",
+        "VestigialRemoved",
+        "StateMoved",
+    ):
         monkeypatch.setattr(table_module, name, boom)
     table = StateTable()
-    assert table.listener is None
     st = tcp_handshake(table)
     send(table, udp())
     send(table, udp(B, A, 53, 5000))
     table.kill(st)
     table.purge(T0 + 10**6)
     assert table.count == 0
+    assert table.take_changes() == []
 
 
-def test_listener_set_later_sees_only_later_changes() -> None:
+def test_recording_started_later_sees_only_later_changes() -> None:
     table = StateTable()
     send(table, udp())
-    recorder = Recorder()
-    table.listener = recorder
+    recorder = Recorder(table)
     send(table, udp())
     assert recorder.kinds() == ["updated"]
 
@@ -662,8 +641,7 @@ FLOW_KEY = decoded(udp())[1]
 
 def test_insert_a_peer_state() -> None:
     table = StateTable()
-    recorder = Recorder()
-    table.listener = recorder
+    recorder = Recorder(table)
     st = peer_state(FLOW_KEY)
     assert table.insert(st) is True
     assert table.count == 1

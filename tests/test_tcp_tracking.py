@@ -31,7 +31,6 @@ from statetable.counters import (
     FCNT_STATE_SEARCH,
     PFRES_BADSTATE,
 )
-from statetable.events import Event
 from statetable.state import (
     CLOSED,
     CLOSING,
@@ -45,6 +44,7 @@ from statetable.state import (
 from statetable.table import UNLINKED
 from statetable.vtw import VtwConfig
 from tests import packets
+from tests.changes import Recorder
 from tests.packets import ACK, FIN, PSH, RST, SYN
 
 M = 0xFFFFFFFF
@@ -630,8 +630,7 @@ def test_fin_before_the_server_answered_moves_client_to_closing() -> None:
 
 def test_pure_syn_on_a_closed_state_reuses_it() -> None:
     conn = closed_conn()
-    events: list[Event] = []
-    conn.table.listener = events.append
+    recorder = Recorder(conn.table)
     old = conn.st
     inserts = conn.table.fcounters[FCNT_STATE_INSERT]
     removals = conn.table.fcounters[FCNT_STATE_REMOVALS]
@@ -639,6 +638,7 @@ def test_pure_syn_on_a_closed_state_reuses_it() -> None:
     assert conn.c(SYN, 777777, win=1234) == PASS
     new = conn.st
     assert new is not old and new.id != old.id
+    events = recorder.events
     assert [type(e) for e in events] == [StateRemoved, StateInserted]
     assert isinstance(events[0], StateRemoved)
     assert events[0].state is old and events[0].reason == RemoveReason.REUSED

@@ -21,10 +21,11 @@ from pydantic import ValidationError
 from statetable import BLOCK, PASS, StateTable, TableConfig, keys
 from statetable import timeouts as tmo
 from statetable.counters import FCNT_STATE_INSERT, FCNT_STATE_SEARCH, PFRES_BADSTATE, PFRES_MATCH
-from statetable.events import Event, RemoveReason, StateInserted, StateVestigial, VestigialRemoved
+from statetable.events import RemoveReason, StateInserted, StateVestigial, VestigialRemoved
 from statetable.mslt import CLASSLESS, LOCAL, LOOPBACK, REMOTE, MsltConfig, Network
 from statetable.state import CLOSED, FIN_WAIT_2, SYN_SENT, TIME_WAIT, Peer, State
 from statetable.vtw import PeerView, Pool, Vestigial, VtwConfig, VtwStats
+from tests.changes import Recorder
 from tests.packets import ACK, FIN, PSH, RST, SYN
 from tests.test_tcp_tracking import (
     T0,
@@ -210,13 +211,11 @@ def test_record_fields_equal_the_full_state_just_before(close: Callable[[Conn], 
     on, off = vtw_table(), StateTable(TableConfig(vtw=VtwConfig(enable=False)))
     seen: list[Vestigial] = []
 
-    def listener(event: Event) -> None:
-        if isinstance(event, StateVestigial):
-            s = event.state
-            seen.append(record_of(s, 0.0, 0))
-
-    on.listener = listener
+    on.record_changes()
     close(Conn(on))
+    for event in on.take_changes():
+        if isinstance(event, StateVestigial):
+            seen.append(record_of(event.state, 0.0, 0))
     close(Conn(off))
     rec = only_record(on)
     assert len(seen) == 1
@@ -350,8 +349,7 @@ def test_new_data_after_close_is_a_state_mismatch(from_client: bool, dlen: int, 
 def test_full_pool_evicts_the_oldest_record() -> None:
     """entries=8 holds 7 records; the 8th close evicts the first one (kill, EVICTED event)."""
     table = vtw_table(vtw=VtwConfig(entries=8))
-    events: list[Event] = []
-    table.listener = events.append
+    events = Recorder(table)
     conns = [closed(table, at=T0 + i, cport=1000 + i) for i in range(8)]
     keys_left = [rec.key for rec in table.vestigial()]
     assert keys_left == [client_key(c) for c in conns[1:]]
@@ -368,8 +366,7 @@ def test_full_pool_evicts_the_oldest_record() -> None:
 def test_purge_expires_records_exactly_at_their_expiry() -> None:
     """purge(t) keeps a record while t < expiry and frees it (EXPIRED) at t == expiry."""
     table = vtw_table()
-    events: list[Event] = []
-    table.listener = events.append
+    events = Recorder(table)
     closed(table, cport=1000)
     closed(table, at=T0 + 5, cport=1001)
     assert table.purge(T0 + 60 - 1e-6) == 0 and table.vtw.live == 2
@@ -542,8 +539,7 @@ def test_events_for_every_way_a_record_comes_and_goes() -> None:
     """StateVestigial on entering TIME_WAIT; VestigialRemoved with CLOSED, REUSED, EXPIRED,
     KILLED and FLUSHED carrying the record's key, id and creatorid."""
     table = vtw_table()
-    events: list[Event] = []
-    table.listener = events.append
+    events = Recorder(table)
     conns = [closed(table, cport=1000 + i) for i in range(5)]
     vest = [e for e in events if isinstance(e, StateVestigial)]
     assert [e.state.key for e in vest] == [client_key(c) for c in conns]
@@ -571,8 +567,7 @@ def test_events_for_every_way_a_record_comes_and_goes() -> None:
 def test_clear_flushes_records_with_an_event() -> None:
     """clear() removes records too, as FLUSHED."""
     table = vtw_table()
-    events: list[Event] = []
-    table.listener = events.append
+    events = Recorder(table)
     conn = closed(table)
     assert table.clear() == 1
     assert table.vtw.live == 0
@@ -760,9 +755,8 @@ def test_a_pool_is_rebuilt_when_expiries_leave_its_tick_range() -> None:
     """Expiries are uint32 ticks of 1/1024 s around a pool's base (+-24 days): a record
     made weeks later rebuilds the pool around the new time, moving the live records and
     freeing those long due, and everything still matches exactly."""
-    events: list[Event] = []
     table = vtw_table(mslt=MsltConfig(remote=3600))  # TIME_WAIT 2 h
-    table.listener = events.append
+    events = Recorder(table)
     closed(table, at=T0, cport=1000)  # due at T0 + 2 h
     first = table.vtw.pools[(4, REMOTE)]
     late = closed(table, at=T0 + 30 * DAY, cport=2000)

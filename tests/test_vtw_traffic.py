@@ -23,11 +23,12 @@ from statetable import BLOCK, PASS, StateTable, TableConfig, decode_frame, keys
 from statetable import timeouts as tmo
 from statetable.counters import PFRES_BADSTATE, PFRES_MATCH
 from statetable.decode import NOT_IP
-from statetable.events import Event, RemoveReason, VestigialRemoved
+from statetable.events import RemoveReason, VestigialRemoved
 from statetable.mslt import LOOPBACK
 from statetable.state import FIN_WAIT_2, TIME_WAIT
 from statetable.vtw import Vestigial, VtwConfig, quantize
 from tests import packets, traffic
+from tests.changes import Recorder
 from tests.packets import ACK, FIN, PSH, RST
 
 pytestmark = pytest.mark.slow
@@ -54,10 +55,10 @@ class Twin:
         default_factory=lambda: StateTable(TableConfig(vtw=VtwConfig(enable=False)))
     )
     verdicts: list[int] = field(default_factory=list)
-    events: list[Event] = field(default_factory=list)
+    recorder: Recorder = field(init=False)
 
     def __post_init__(self) -> None:
-        self.on.listener = self.events.append
+        self.recorder = Recorder(self.on)
 
     def send(self, data: bytes, linktype: int, ts: float) -> int:
         """Feed one frame to both tables; their verdicts must agree."""
@@ -196,7 +197,7 @@ def test_orderly_close_becomes_a_loopback_record_and_late_fins_pass(
     assert record(twin.on, key).expire == expire
     assert twin.purge(expire) == 1
     assert list(twin.on.vestigial()) == [] and twin.off.find(6, key) is None
-    assert [e.reason for e in twin.events if isinstance(e, VestigialRemoved)] == [
+    assert [e.reason for e in twin.recorder.events if isinstance(e, VestigialRemoved)] == [
         RemoveReason.EXPIRED
     ]
     matched = twin.on.pfres[PFRES_MATCH]
@@ -240,7 +241,7 @@ def test_rst_abort_becomes_a_loopback_record_until_its_exact_rst(tmp_path: Path)
 
     assert twin.send(rst.data, rst.linktype, t1 + 0.3) == PASS
     assert list(twin.on.vestigial()) == [] and twin.off.find(6, key) is None
-    assert [e.reason for e in twin.events if isinstance(e, VestigialRemoved)] == [
+    assert [e.reason for e in twin.recorder.events if isinstance(e, VestigialRemoved)] == [
         RemoveReason.CLOSED
     ]
     assert twin.send(server_last.data, server_last.linktype, t1 + 0.4) == BLOCK
