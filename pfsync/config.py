@@ -53,6 +53,16 @@ class NodeConfig(BaseSettings):
     local_net: list[str] = Field(
         default_factory=list, description="MSLT local networks (default: this host's)"
     )
+    sync_listen: str = Field(
+        "127.0.0.1:7071", description="pfsync peer endpoint (empty: accept no peers)"
+    )
+    peer: list[str] = Field(default_factory=list, description="peers to sync with (HOST:PORT)")
+    tls_cert: Path | None = Field(None, description="certificate (PEM) for mTLS between peers")
+    tls_key: Path | None = Field(None, description="its private key (PEM)")
+    tls_ca: Path | None = Field(None, description="CA (PEM) that signs the peers' certificates")
+    peer_allow: list[str] = Field(
+        default_factory=list, description="certificate names of peers allowed to sync"
+    )
     # sysctl name -> value, applied at start-up as `pfsysctl -w` would (like sysctl.conf).
     sysctl: dict[str, str | int | bool] = Field(default_factory=dict)
 
@@ -76,6 +86,16 @@ class NodeConfig(BaseSettings):
     @classmethod
     def _control_address(cls, value: str) -> str:
         return _host_port(value)
+
+    @field_validator("sync_listen")
+    @classmethod
+    def _sync_address(cls, value: str) -> str:
+        return _host_port(value) if value else value
+
+    @field_validator("peer")
+    @classmethod
+    def _peer_addresses(cls, value: list[str]) -> list[str]:
+        return [_host_port(v) for v in value]
 
     @classmethod
     def settings_customise_sources(

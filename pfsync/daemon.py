@@ -25,9 +25,18 @@ from pfsync.config import ConfigError, NodeConfig, load_config
 from pfsync.control import ControlService
 from pfsync.netif import local_networks, parse_networks
 from pfsync.node import Node
-from pfsync.sysctl import SysctlError
+from pfsync.sync.engine import SyncEngine
+from pfsync.sync.peer import SERVER_OPTIONS, SyncDriver, TlsFiles
+from pfsync.sysctl import SysctlError, add_sync_nodes
 from pfsync.sysctl_service import SysctlService
-from pfsync.v1 import control_pb2, control_pb2_grpc, sysctl_pb2, sysctl_pb2_grpc
+from pfsync.v1 import (
+    control_pb2,
+    control_pb2_grpc,
+    sync_pb2,
+    sync_pb2_grpc,
+    sysctl_pb2,
+    sysctl_pb2_grpc,
+)
 from statetable.mslt import Network
 
 PROG = "pfsyncd"
@@ -58,6 +67,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--hostid", metavar="HEX", help="creatorid of states made here (default: random 32-bit)"
     )
     p.add_argument("--control", metavar="ADDR", help="Control API address (default 127.0.0.1:7070)")
+    p.add_argument(
+        "--sync-listen",
+        metavar="ADDR",
+        help="pfsync endpoint peers dial (default 127.0.0.1:7071; empty: none)",
+    )
+    p.add_argument(
+        "--peer",
+        action="append",
+        metavar="ADDR",
+        help="a peer to sync with: HOST:PORT of its --sync-listen (repeatable)",
+    )
+    p.add_argument(
+        "--tls-cert",
+        type=Path,
+        metavar="FILE",
+        help="certificate (PEM) shown to peers; with --tls-key and --tls-ca peer links "
+        "use mutual TLS",
+    )
+    p.add_argument("--tls-key", type=Path, metavar="FILE", help="private key of --tls-cert")
+    p.add_argument(
+        "--tls-ca",
+        type=Path,
+        metavar="FILE",
+        help="CA certificate (PEM) that must sign every peer's certificate",
+    )
+    p.add_argument(
+        "--peer-allow",
+        action="append",
+        metavar="NAME",
+        help="certificate name (CN or SAN) of a peer allowed to sync (repeatable; "
+        "default: any peer the CA signed)",
+    )
     p.add_argument(
         "--pcap",
         type=Path,
@@ -140,6 +181,8 @@ def _sysctl_flags(items: list[str]) -> dict[str, str]:
 async def serve(config: NodeConfig, exit_after_replay: bool = False) -> int:
     """Run a node until a signal (or the end of the replays); returns the exit status."""
     node = Node(config.hostid, limit_states=config.limit_states, local_nets=_local_nets(config))
+    engine = SyncEngine(node.table)
+    add_sync_nodes(node.sysctl, engine)
     try:
         for name, value in config.sysctl.items():
             node.sysctl.set(name, _sysctl_text(value))
@@ -158,6 +201,7 @@ async def serve(config: NodeConfig, exit_after_replay: bool = False) -> int:
         (
             control_pb2.DESCRIPTOR.services_by_name["Control"].full_name,
             sysctl_pb2.DESCRIPTOR.services_by_name["Sysctl"].full_name,
+            SYNC_SERVICE,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),
@@ -169,6 +213,12 @@ async def serve(config: NodeConfig, exit_after_replay: bool = False) -> int:
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info("hostid %08x, control API on %s", config.hostid, config.control)
+    try:
+        driver, sync_server = await _start_sync(config, node, engine, health_servicer)
+    except OSError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        await server.stop(None)
+        return 1
 
     try:
         for ifname in config.capture:
@@ -190,9 +240,81 @@ async def serve(config: NodeConfig, exit_after_replay: bool = False) -> int:
     else:
         await stop.wait()
     purge.cancel()
+    if driver is not None:
+        await driver.stop()
+    if sync_server is not None:
+        await sync_server.stop(0.5)
     await server.stop(1.0)
     failed = [s for s in node.sources if s.error]
     return 1 if failed else 0
+
+
+SYNC_SERVICE = sync_pb2.DESCRIPTOR.services_by_name["SyncService"].full_name
+
+
+def _tls_files(config: NodeConfig) -> TlsFiles | None:
+    """The peers' mTLS material, or None for plaintext; OSError in one line."""
+    paths = (config.tls_cert, config.tls_key, config.tls_ca)
+    if not any(paths):
+        return None
+    if not all(paths):
+        raise OSError("--tls-cert, --tls-key and --tls-ca go together")
+    cert, key, ca = (path.read_bytes() for path in paths)  # type: ignore[union-attr]
+    return TlsFiles(cert, key, ca)
+
+
+async def _start_sync(
+    config: NodeConfig,
+    node: Node,
+    engine: SyncEngine,
+    health_servicer: health.aio.HealthServicer,
+) -> tuple[SyncDriver | None, grpc.aio.Server | None]:
+    """pfsync: the listener (--sync-listen) and the dialers (--peer), when configured."""
+    if not config.sync_listen and not config.peer:
+        await health_servicer.set(SYNC_SERVICE, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+        return None, None
+    try:
+        tls = _tls_files(config)
+    except OSError as exc:
+        raise OSError(f"cannot read TLS material: {exc}") from None
+    loop = asyncio.get_running_loop()
+
+    def ready(now_ready: bool) -> None:
+        status = health_pb2.HealthCheckResponse
+        loop.create_task(
+            health_servicer.set(SYNC_SERVICE, status.SERVING if now_ready else status.NOT_SERVING)
+        )
+        if now_ready:
+            log.info("pfsync ready")
+
+    driver = SyncDriver(
+        engine,
+        node.publish_changes,
+        node.clock,
+        peers=config.peer,
+        tls=tls,
+        allow=config.peer_allow,
+        on_ready=ready,
+    )
+    node.add_consumer(driver.consume)
+    node.sync = driver
+    sync_server = None
+    if config.sync_listen:
+        sync_server = grpc.aio.server(options=SERVER_OPTIONS)
+        sync_pb2_grpc.add_SyncServiceServicer_to_server(driver, sync_server)
+        try:
+            if tls is None:
+                port = sync_server.add_insecure_port(config.sync_listen)
+            else:
+                port = sync_server.add_secure_port(config.sync_listen, tls.server())
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            raise OSError(f"cannot listen on {config.sync_listen} (pfsync)")
+        await sync_server.start()
+        log.info("pfsync on %s, peers: %s", config.sync_listen, ", ".join(config.peer) or "none")
+    driver.start()
+    return driver, sync_server
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,12 +13,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pfsync.pcap import CaptureError, read_capture
 from pfsync.sysctl import build_tree
 from statetable import StateTable, TableConfig, decode_frame
 from statetable.decode import NOT_IP
 from statetable.mslt import Network
+
+if TYPE_CHECKING:
+    from pfsync.sync.peer import SyncDriver
 
 log = logging.getLogger("pfsyncd")
 
@@ -68,6 +72,33 @@ class Node:
         self.sysctl = build_tree(self)
         self.non_ip = 0
         self.sources: list[PacketSource] = []
+        # Readers of the table's changes (the pfsync driver, watch streams): each gets
+        # every change list the node takes from the table (statetable.events).
+        self._consumers: list[Callable[[list[object], float], None]] = []
+        # The pfsync driver when the node syncs (pfsync.sync.peer.SyncDriver).
+        self.sync: SyncDriver | None = None
+
+    def add_consumer(self, consumer: Callable[[list[object], float], None]) -> None:
+        """Hand every later change of the table to ``consumer(changes, now)``."""
+        if not self._consumers:
+            self.table.record_changes()
+        self._consumers.append(consumer)
+
+    def remove_consumer(self, consumer: Callable[[list[object], float], None]) -> None:
+        """Stop handing changes to ``consumer``."""
+        self._consumers.remove(consumer)
+        if not self._consumers:
+            self.table.record_changes(False)
+
+    def publish_changes(self) -> None:
+        """Take the table's recorded changes and give them to every consumer."""
+        if not self._consumers:
+            return
+        changes = self.table.take_changes()
+        if changes:
+            now = self.clock()
+            for consumer in self._consumers:
+                consumer(changes, now)
 
     def feed(self, frame: bytes, linktype: int, now: float) -> int:
         """Decode and test one frame: PASS, BLOCK or MALFORMED.
@@ -100,6 +131,7 @@ class Node:
         while True:
             await asyncio.sleep(PURGE_PERIOD)
             self.table.purge(self.clock())
+            self.publish_changes()
 
     def start_replay(self, path: Path, speed: float) -> PacketSource:
         """Replay a capture file into the table in the background."""

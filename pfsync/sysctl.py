@@ -14,6 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import annotated_types
+from pydantic import BaseModel
+
+from pfsync.sync.engine import LAG_BUCKETS_MS, SyncEngine, SyncSettings
 from statetable import timeouts as tmo
 from statetable.mslt import CLASS_NAMES
 from statetable.vtw import HashStats
@@ -277,3 +281,93 @@ def build_tree(node: Node) -> SysctlTree:
         )
     )
     return tree
+
+
+def model_range(model: type[BaseModel], field: str) -> tuple[int | None, int | None]:
+    """(minimum, maximum) a pydantic model allows for ``field``: the one place a knob's
+    range is written, read back for its sysctl node."""
+    low = high = None
+    for meta in model.model_fields[field].metadata:
+        if isinstance(meta, annotated_types.Ge):
+            low = int(meta.ge)  # type: ignore[call-overload]
+        elif isinstance(meta, annotated_types.Gt):
+            low = int(meta.gt) + 1  # type: ignore[call-overload]
+        elif isinstance(meta, annotated_types.Le):
+            high = int(meta.le)  # type: ignore[call-overload]
+        elif isinstance(meta, annotated_types.Lt):
+            high = int(meta.lt) - 1  # type: ignore[call-overload]
+    return low, high
+
+
+def add_sync_nodes(tree: SysctlTree, engine: SyncEngine) -> None:
+    """net.pfsync.* knobs and net.inet.pfsync.stats, for a node that syncs."""
+    settings = engine.settings
+
+    def setter(field: str) -> Callable[[Value], None]:
+        def apply(value: Value) -> None:
+            setattr(settings, field, value)
+            if field == "replay_log":
+                engine.log.resize(int(value))
+
+        return apply
+
+    for field, kind, text in (
+        ("maxupd", Kind.INT, "updates of a TCP state coalesced before its frame leaves"),
+        ("flush_ms", Kind.INT, "longest a change waits for more before its frame leaves (ms)"),
+        ("defer", Kind.BOOL, "hold a new state's first packet until a peer acknowledges it"),
+        ("replay_log", Kind.INT, "frames kept for peers that reconnect (resume, not resend)"),
+    ):
+        low, high = model_range(SyncSettings, field) if kind is Kind.INT else (None, None)
+        tree.add(
+            SysctlNode(
+                f"net.pfsync.{field}",
+                kind,
+                text + (f", {low}..{high}" if kind is Kind.INT else " (0/1)"),
+                lambda field=field: getattr(settings, field),  # type: ignore[misc]
+                setter(field),
+                minimum=low,
+                maximum=high,
+            )
+        )
+    tree.add(
+        SysctlNode(
+            "net.inet.pfsync.stats",
+            Kind.STRUCT,
+            "pfsync counters (netstat -s -p pfsync order), actions in/out, peers, lag",
+            lambda: sync_stats(engine),
+        )
+    )
+
+
+def sync_stats(engine: SyncEngine) -> list[tuple[str, int]]:
+    """The fields of net.inet.pfsync.stats."""
+    s = engine.stats
+    fields = list(s.counters.items())
+    fields += [(f"input.{name}", n) for name, n in s.actions_in.items()]
+    fields += [(f"output.{name}", n) for name, n in s.actions_out.items()]
+    fields += [
+        ("replay_log.hits", engine.log.hits),
+        ("replay_log.misses", engine.log.misses),
+        ("bulk_fallbacks", s.bulk_fallbacks),
+        ("digest_mismatches", s.digest_mismatches),
+        ("repairs", s.repairs),
+        ("deferred", s.deferred),
+        ("defer_timeouts", s.defer_timeouts),
+    ]
+    lag = [0] * (len(LAG_BUCKETS_MS) + 1)
+    for i, link in enumerate(sorted(engine.peers.values(), key=lambda p: p.name)):
+        base = f"peer.{i}"
+        fields += [
+            (f"{base}.connected", int(link.connected)),
+            (f"{base}.creatorid", link.creatorid or 0),
+            (f"{base}.frames_in", link.frames_in),
+            (f"{base}.frames_out", link.frames_out),
+            (f"{base}.bytes_in", link.bytes_in),
+            (f"{base}.bytes_out", link.bytes_out),
+            (f"{base}.states_in", link.states_in),
+            (f"{base}.states_out", link.states_out),
+        ]
+        lag = [a + b for a, b in zip(lag, link.lag_ms, strict=True)]
+    bounds = [f"le_{int(b)}ms" for b in LAG_BUCKETS_MS] + ["inf"]
+    fields += [(f"lag.{bound}", n) for bound, n in zip(bounds, lag, strict=True)]
+    return fields

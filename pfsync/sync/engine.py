@@ -169,6 +169,9 @@ class PeerLink:
     creatorid: int | None = None
     epoch: int = 0
     applied: int = 0
+    # Where this stream resumes the peer's frames (said in our hello): (0, 0) = fresh.
+    resume_epoch: int = 0
+    resume_sequence: int = 0
     # The highest of our sequences the peer acknowledged.
     acked: int = 0
     outbox: deque[pb.SyncFrame] = field(default_factory=deque)
@@ -289,6 +292,7 @@ class SyncEngine:
             self.add_peer(name, now, configured=False, v6=v6)
         link = self.peers[name]
         link.connected, link.hello_sent, link.superseded = True, False, False
+        link.resume_epoch, link.resume_sequence = link.epoch, link.applied
         link.outbox.clear()
         link.bulk_out = None
         link.bulk_in = False
@@ -448,6 +452,11 @@ class SyncEngine:
 
     # ---- building frames ---------------------------------------------------------------
 
+    def flush(self, now: float) -> None:
+        """Send everything pending now (a node that stops does this last)."""
+        if self._first_change is not None:
+            self._flush(now)
+
     def _must_flush(self, now: float) -> bool:
         if self._first_change is None:
             return False
@@ -552,7 +561,7 @@ class SyncEngine:
                 return out  # a listener speaks once it knows who dialed (its hello)
             out.append(self._hello(link))
             link.hello_sent = True
-            if not self._resumable(link):
+            if not link.resume_epoch:
                 # Nothing applied from this peer yet: ask for everything (pfsync at boot).
                 out.append(self._bulk_request_frame())
         reply = self._reply_frame(link, now)
@@ -578,9 +587,6 @@ class SyncEngine:
             )
             frame.ack = link.applied
 
-    def _resumable(self, link: PeerLink) -> bool:
-        return link.creatorid is not None and link.epoch != 0
-
     def _hello(self, link: PeerLink) -> pb.SyncFrame:
         self.stats.actions_out["hello"] += 1
         return pb.SyncFrame(
@@ -589,8 +595,8 @@ class SyncEngine:
                 version=VERSION,
                 creatorid=self.hostid,
                 epoch=self.epoch,
-                resume_epoch=link.epoch,
-                resume_sequence=link.applied,
+                resume_epoch=link.resume_epoch,
+                resume_sequence=link.resume_sequence,
             ),
         )
 
@@ -720,6 +726,9 @@ class SyncEngine:
             saved = self._resume.get(hello.creatorid)
             # A new process on the other side restarts its sequences.
             link.applied = saved[1] if saved is not None and saved[0] == hello.epoch else 0
+            if not link.hello_sent:  # a listener: its hello is not out yet
+                link.resume_epoch = hello.epoch if link.applied else 0
+                link.resume_sequence = link.applied
         link.creatorid, link.epoch = hello.creatorid, hello.epoch
         for other in list(self.peers.values()):
             if other is link or not other.connected or other.creatorid != hello.creatorid:

@@ -1,0 +1,295 @@
+"""The pfsync0 interface: gRPC streams to peers around one :class:`SyncEngine`.
+
+Thin by design: everything pfsync decides lives in the engine; this module moves its
+frames. ``SyncDriver`` owns
+
+- one dialer per configured peer (``--peer``): a bidirectional ``Exchange`` stream,
+  redialed with exponential back-off (0.1 s doubling to 5 s, with jitter) after a cut;
+- the ``SyncService`` servicer that accepts streams dialed by other nodes, after
+  checking their certificate names against ``--peer-allow`` when mTLS is on (a refusal
+  counts ``badauth`` and never reaches the engine or the table);
+- one writer per stream that sends what the engine queues, woken when there is more;
+- a ticker that hands the table's changes to the engine and runs its timers.
+
+gRPC's flow control is the back-pressure: a writer awaits each write, so a slow peer
+fills only its engine outbox, which the engine bounds (it cuts the peer; the peer
+resumes from the replay log or gets a bulk update).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import grpc
+
+from pfsync.sync.engine import SyncEngine
+from pfsync.v1 import sync_pb2 as pb
+from pfsync.v1 import sync_pb2_grpc
+
+log = logging.getLogger("pfsyncd.sync")
+
+# 4 MiB is gRPC's default receive limit; bulk frames stay far below it, but a peer may
+# be configured with larger frames, so both ends accept up to this much.
+MAX_MESSAGE = 64 << 20
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+]
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 5.0
+# The longest a stopping node waits for its peers to take what it still had to send.
+STOP_DRAIN_SECONDS = 2.0
+
+
+class TlsFiles:
+    """PEM material for mTLS between peers (``--tls-cert``, ``--tls-key``, ``--tls-ca``)."""
+
+    def __init__(self, cert: bytes, key: bytes, ca: bytes) -> None:
+        self.cert, self.key, self.ca = cert, key, ca
+
+    def server(self) -> grpc.ServerCredentials:
+        """Listener credentials: peers must present a certificate signed by the CA."""
+        return grpc.ssl_server_credentials(
+            [(self.key, self.cert)], root_certificates=self.ca, require_client_auth=True
+        )
+
+    def channel(self) -> grpc.ChannelCredentials:
+        """Dialer credentials: our certificate, and the CA that must sign the peer's."""
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
+        )
+
+
+def peer_names(context: grpc.aio.ServicerContext) -> list[str]:
+    """The names (CN and SANs) in the certificate a peer presented."""
+    auth = context.auth_context()
+    names: list[str] = []
+    for prop in ("x509_common_name", "x509_subject_alternative_name"):
+        names += [v.decode(errors="replace") for v in auth.get(prop, [])]
+    return names
+
+
+class SyncDriver(sync_pb2_grpc.SyncServiceServicer):
+    """Runs the engine for a node: its streams, its timers, its readiness."""
+
+    def __init__(
+        self,
+        engine: SyncEngine,
+        publish: Callable[[], None],
+        clock: Callable[[], float],
+        peers: Sequence[str] = (),
+        tls: TlsFiles | None = None,
+        allow: Sequence[str] = (),
+        on_ready: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self._publish = publish
+        self.clock = clock
+        self.peer_addresses = list(peers)
+        self.tls = tls
+        self.allow = set(allow)
+        self._on_ready = on_ready
+        self._wake: dict[str, asyncio.Event] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._tick = asyncio.Event()
+        self._stopping = False
+        self._was_ready: bool | None = None
+        now = clock()
+        for addr in self.peer_addresses:
+            engine.add_peer(addr, now, configured=True, v6=addr.startswith("["))
+
+    # ---- life cycle --------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the ticker and one dialer per configured peer."""
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._ticker()))
+        for addr in self.peer_addresses:
+            self._tasks.append(loop.create_task(self._dial(addr)))
+        self._check_ready()
+
+    async def stop(self) -> None:
+        """Send what is pending (bounded wait), then close every stream."""
+        self._stopping = True
+        self.pump(force=True)
+        deadline = self.clock() + STOP_DRAIN_SECONDS
+        while self.clock() < deadline and any(
+            link.connected and link.outbox for link in self.engine.peers.values()
+        ):
+            await asyncio.sleep(0.01)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for event in self._wake.values():
+            event.set()
+
+    # ---- the engine's clock and the table's changes ------------------------------------
+
+    def consume(self, changes: list[object], now: float) -> None:
+        """The node's change fan-out calls this with what the table recorded."""
+        self.engine.handle_changes(changes, now)
+
+    def pump(self, force: bool = False) -> None:
+        """Bring the engine up to date (changes, timers) and wake the writers."""
+        self._publish()
+        now = self.clock()
+        if force:
+            self.engine.flush(now)
+        due = self.engine.next_timer()
+        if due is not None and due <= now:
+            self.engine.handle_timer(now)
+        for event in self._wake.values():
+            event.set()
+        self._check_ready()
+
+    def poke(self) -> None:
+        """Something changed outside the ticker's rhythm (an API call): run it now."""
+        self._tick.set()
+
+    async def _ticker(self) -> None:
+        while True:
+            self.pump()
+            now = self.clock()
+            due = self.engine.next_timer()
+            flush = self.engine.settings.flush_ms / 1000
+            delay = flush if due is None else min(max(due - now, 0.0), flush)
+            try:
+                await asyncio.wait_for(self._tick.wait(), delay)
+            except TimeoutError:
+                pass
+            self._tick.clear()
+
+    def _check_ready(self) -> None:
+        ready = self.engine.ready
+        if ready != self._was_ready:
+            self._was_ready = ready
+            if self._on_ready is not None:
+                self._on_ready(ready)
+
+    # ---- one stream's two directions ----------------------------------------------------
+
+    def _receive(self, name: str, frame: pb.SyncFrame) -> None:
+        self.engine.receive(name, frame, self.clock(), frame.ByteSize())
+        self.pump()
+
+    async def _outgoing(self, name: str) -> AsyncIterator[pb.SyncFrame]:
+        """The engine's frames for ``name`` as they come, until the engine drops it."""
+        wake = self._wake.setdefault(name, asyncio.Event())
+        while True:
+            frames = self.engine.frames_to_send(name, self.clock())
+            link = self.engine.peers.get(name)
+            for frame in frames:
+                if link is not None:
+                    link.bytes_out += frame.ByteSize()
+                yield frame
+            if link is None or not link.connected:
+                return
+            if not frames:
+                await wake.wait()
+                wake.clear()
+
+    # ---- dialing -------------------------------------------------------------------------
+
+    def _channel(self, addr: str) -> grpc.aio.Channel:
+        if self.tls is not None:
+            return grpc.aio.secure_channel(addr, self.tls.channel(), options=CHANNEL_OPTIONS)
+        return grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
+
+    async def _dial(self, addr: str) -> None:
+        backoff = BACKOFF_FIRST
+        while not self._stopping:
+            if self.engine.superseded(addr):
+                await asyncio.sleep(1.0)  # the peer's own stream to us carries the sync
+                continue
+            error = ""
+            async with self._channel(addr) as channel:
+                stub = sync_pb2_grpc.SyncServiceStub(channel)
+                self.engine.peer_up(addr, self.clock(), v6=addr.startswith("["))
+                requests = (pb.ExchangeRequest(frame=f) async for f in self._outgoing(addr))
+                call = stub.Exchange(requests)
+                try:
+                    async for response in call:
+                        if backoff != BACKOFF_FIRST:
+                            log.info("sync stream to %s up", addr)
+                            backoff = BACKOFF_FIRST
+                        self._receive(addr, response.frame)
+                except grpc.aio.AioRpcError as exc:
+                    error = f"{exc.code().name}: {exc.details()}"
+                finally:
+                    self.engine.peer_down(addr, self.clock(), error)
+                    self._wake.pop(addr, None)
+                    call.cancel()
+            if self._stopping:
+                return
+            if error:
+                log.debug("sync stream to %s: %s", addr, error)
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+    # ---- the listening side (SyncService) ---------------------------------------------
+
+    async def Exchange(  # noqa: N802 (gRPC method name)
+        self,
+        request_iterator: AsyncIterator[pb.ExchangeRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.ExchangeResponse]:
+        """A peer dialed us: run the stream until either side closes it."""
+        if self.tls is not None and self.allow:
+            names = peer_names(context)
+            if not self.allow.intersection(names):
+                self.engine.stats.count("badauth")
+                log.warning("refused sync peer %s (certificate names %s)", context.peer(), names)
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, "peer not allowed")
+        name = f"in:{context.peer()}"
+        self.engine.peer_up(name, self.clock(), v6=context.peer().startswith("ipv6"))
+        reader = asyncio.ensure_future(self._read(name, request_iterator))
+        try:
+            async for frame in self._outgoing_until(name, reader):
+                yield pb.ExchangeResponse(frame=frame)
+        finally:
+            reader.cancel()
+            self.engine.peer_down(name, self.clock())
+            self._wake.pop(name, None)
+
+    async def _read(self, name: str, requests: AsyncIterator[pb.ExchangeRequest]) -> None:
+        async for request in requests:
+            self._receive(name, request.frame)
+
+    async def _outgoing_until(
+        self, name: str, reader: asyncio.Future[None]
+    ) -> AsyncIterator[pb.SyncFrame]:
+        """Like :meth:`_outgoing`, but ends when the peer's side of the stream ends."""
+        wake = self._wake.setdefault(name, asyncio.Event())
+        waiter: asyncio.Task[bool] | None = None
+        try:
+            while not reader.done():
+                frames = self.engine.frames_to_send(name, self.clock())
+                link = self.engine.peers.get(name)
+                for frame in frames:
+                    if link is not None:
+                        link.bytes_out += frame.ByteSize()
+                    yield frame
+                if link is None or not link.connected:
+                    return
+                if not frames:
+                    waiter = asyncio.ensure_future(wake.wait())
+                    await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
+                    wake.clear()
+        finally:
+            if waiter is not None:
+                waiter.cancel()
