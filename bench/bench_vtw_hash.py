@@ -282,10 +282,10 @@ class FatPool(_FatPool):
                     # A cleared (zero) tag inside the span may decode by chance to a
                     # free slot whose old key bytes remain; a free slot's fat key is 0.
                     if buf[o : o + kl] == key and fkey[d & 0xFFFF]:
-                        self.stats.connect._lookup_done(True, probes, probes - 1)
+                        self.stats.connect.record(True, probes, probes - 1)
                         return d & 0xFFFF
             r = word >> NTAGS
-        self.stats.connect._lookup_done(False, probes, probes)
+        self.stats.connect.record(False, probes, probes)
         return 0
 
     def scan_steps(self, key: bytes) -> int:
@@ -347,11 +347,11 @@ class Fat16Pool(_FatPool):
                     slot = self.halves[(j >> 1) + NTAGS] ^ lo
                     o = slot * self.keylen
                     if self.keys[o : o + self.keylen] == key:
-                        self.stats.connect._lookup_done(True, probes, probes - 1)
+                        self.stats.connect.record(True, probes, probes - 1)
                         return slot
                 j = rows.find(pattern, j + 1, end)
             r = words[r * ROW_WORDS] >> NTAGS
-        self.stats.connect._lookup_done(False, probes, probes)
+        self.stats.connect.record(False, probes, probes)
         return 0
 
     def scan_steps(self, key: bytes) -> int:

@@ -75,12 +75,17 @@ def quantize(when: float) -> float:
     return math.ceil(when * TICKS) / TICKS
 
 
+# Range of net.inet.tcp.vtw.entries (slots per pool, a power of two).
+ENTRIES_MIN = 4
+ENTRIES_MAX = 1 << 24
+
+
 class VtwConfig(BaseModel):
     """The net.inet.tcp.vtw.* knobs."""
 
     enable: bool = True
     # Slots per pool (a power of two); each pool holds entries - 1 records.
-    entries: int = Field(65536, ge=4, le=1 << 24)
+    entries: int = Field(65536, ge=ENTRIES_MIN, le=ENTRIES_MAX)
 
     @field_validator("entries")
     @classmethod
@@ -97,14 +102,15 @@ class HashStats:
     __slots__ = FIELDS
 
     def __init__(self) -> None:
-        for name in self.FIELDS:
-            setattr(self, name, 0)
+        self.look = self.hit = self.miss = self.probe = self.losing = 0
+        self.max_chain = self.max_probe = self.max_loss = 0
 
     def items(self) -> list[tuple[str, int]]:
         """(name, value) in NetBSD's order."""
         return [(name, getattr(self, name)) for name in self.FIELDS]
 
-    def _lookup_done(self, found: bool, probes: int, losses: int) -> None:
+    def record(self, found: bool, probes: int, losses: int) -> None:
+        """Count one lookup that visited ``probes`` records, ``losses`` of them in vain."""
         self.look += 1
         if found:
             self.hit += 1
@@ -309,11 +315,11 @@ class Pool:
             if tags[i] == tag:
                 o = i * kl
                 if buf[o : o + kl] == key:
-                    stats._lookup_done(True, probes, losses)
+                    stats.record(True, probes, losses)
                     return i
                 losses += 1  # the tag matched, the key did not
             i = links[i]
-        stats._lookup_done(False, probes, losses)
+        stats.record(False, probes, losses)
         if probes > stats.max_chain:  # a miss walked the whole chain
             stats.max_chain = probes
         return 0
@@ -339,7 +345,7 @@ class Pool:
                 losses += 1
             i = links[i]
         stats = self.stats.port
-        stats._lookup_done(bool(found), probes, losses)
+        stats.record(bool(found), probes, losses)
         if probes > stats.max_chain:  # a port lookup always walks the chain
             stats.max_chain = probes
         return found

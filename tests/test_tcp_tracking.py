@@ -42,7 +42,7 @@ from statetable.state import (
     Peer,
     State,
 )
-from statetable.table import UNLINKED
+from statetable.timeouts import UNLINKED
 from statetable.vtw import VtwConfig
 from tests import packets
 from tests.packets import ACK, FIN, PSH, RST, SYN
