@@ -113,7 +113,7 @@ class WideChainPool(Pool):
     factor = 1
 
     def __init__(self, entries: int, stats: VtwStats) -> None:
-        super().__init__(AF, CLS, entries, stats, BASE)
+        super().__init__(AF, CLS, entries, stats, BASE, slots=entries)
         buckets = entries * self.factor
         self.key_mask = buckets - 1  # Pool's _link, _unlink and lookup use it
         self.key_heads = array(self.key_heads.typecode, bytes(self.key_heads.itemsize * buckets))
@@ -133,7 +133,7 @@ class _FatPool(Pool):
     Subclasses store and search the tags."""
 
     def __init__(self, entries: int, stats: VtwStats, per_anchor: float) -> None:
-        super().__init__(AF, CLS, entries, stats, BASE)
+        super().__init__(AF, CLS, entries, stats, BASE, slots=entries)
         if entries > 0x10000:
             raise ValueError("the fat-pointer prototypes take narrow (16-bit) indices only")
         capacity = entries - 1
@@ -385,7 +385,7 @@ def make_pool(name: str, entries: int, fat_load: float) -> Pool:
     """A fresh pool of the named design."""
     stats = VtwStats()
     if name == "chain":
-        return Pool(AF, CLS, entries, stats, BASE)
+        return Pool(AF, CLS, entries, stats, BASE, slots=entries)
     if name == "fatp":
         return FatPool(entries, stats, fat_load)
     if name == "fatp16":

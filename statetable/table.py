@@ -510,6 +510,20 @@ class StateTable:
             self.vtw.remove(pool, slot, reason)
         return len(victims)
 
+    def vestigial_by_id(self, id: int, creatorid: int) -> Vestigial | None:
+        """A copy of the VTW record with this sync identity, or None."""
+        hit = self.vtw.find_id(id, creatorid)
+        return None if hit is None else hit[0].view(hit[1])
+
+    def remove_vestigial_by_id(self, id: int, creatorid: int, reason: RemoveReason) -> bool:
+        """Remove the VTW record with this sync identity (a peer's delete, say); False if
+        there is none."""
+        hit = self.vtw.find_id(id, creatorid)
+        if hit is None:
+            return False
+        self.vtw.remove(hit[0], hit[1], reason)
+        return True
+
     def time_wait_endpoint(self, addr: bytes, port: int) -> list[Vestigial]:
         """VTW records whose initiator is ``addr:port`` (NetBSD's local-port lookup: is
         this source port still held by a connection in TIME_WAIT?)."""

@@ -30,7 +30,7 @@ from statetable.vtw import Vestigial, VtwConfig, quantize
 from tests import packets, traffic
 from tests.packets import ACK, FIN, PSH, RST
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("checked_pools")]
 
 LOOPBACK_TIME_WAIT = 2.0  # 2 x the default loopback MSL of 1 s
 
