@@ -113,7 +113,7 @@ class WideChainPool(Pool):
     factor = 1
 
     def __init__(self, entries: int, stats: VtwStats) -> None:
-        super().__init__(AF, CLS, entries, stats, BASE)
+        super().__init__(AF, CLS, entries, stats, BASE, slots=entries)
         buckets = entries * self.factor
         self.key_mask = buckets - 1  # Pool's _link, _unlink and lookup use it
         self.key_heads = array(self.key_heads.typecode, bytes(self.key_heads.itemsize * buckets))
@@ -133,7 +133,7 @@ class _FatPool(Pool):
     Subclasses store and search the tags."""
 
     def __init__(self, entries: int, stats: VtwStats, per_anchor: float) -> None:
-        super().__init__(AF, CLS, entries, stats, BASE)
+        super().__init__(AF, CLS, entries, stats, BASE, slots=entries)
         if entries > 0x10000:
             raise ValueError("the fat-pointer prototypes take narrow (16-bit) indices only")
         capacity = entries - 1
@@ -282,10 +282,10 @@ class FatPool(_FatPool):
                     # A cleared (zero) tag inside the span may decode by chance to a
                     # free slot whose old key bytes remain; a free slot's fat key is 0.
                     if buf[o : o + kl] == key and fkey[d & 0xFFFF]:
-                        self.stats.connect._lookup_done(True, probes, probes - 1)
+                        self.stats.connect.record(True, probes, probes - 1)
                         return d & 0xFFFF
             r = word >> NTAGS
-        self.stats.connect._lookup_done(False, probes, probes)
+        self.stats.connect.record(False, probes, probes)
         return 0
 
     def scan_steps(self, key: bytes) -> int:
@@ -347,11 +347,11 @@ class Fat16Pool(_FatPool):
                     slot = self.halves[(j >> 1) + NTAGS] ^ lo
                     o = slot * self.keylen
                     if self.keys[o : o + self.keylen] == key:
-                        self.stats.connect._lookup_done(True, probes, probes - 1)
+                        self.stats.connect.record(True, probes, probes - 1)
                         return slot
                 j = rows.find(pattern, j + 1, end)
             r = words[r * ROW_WORDS] >> NTAGS
-        self.stats.connect._lookup_done(False, probes, probes)
+        self.stats.connect.record(False, probes, probes)
         return 0
 
     def scan_steps(self, key: bytes) -> int:
@@ -385,7 +385,7 @@ def make_pool(name: str, entries: int, fat_load: float) -> Pool:
     """A fresh pool of the named design."""
     stats = VtwStats()
     if name == "chain":
-        return Pool(AF, CLS, entries, stats, BASE)
+        return Pool(AF, CLS, entries, stats, BASE, slots=entries)
     if name == "fatp":
         return FatPool(entries, stats, fat_load)
     if name == "fatp16":

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
-from pfsync.pcap import LINKTYPE_ETHERNET, LINKTYPE_RAW
+from statetable.decode import LINKTYPE_ETHERNET, LINKTYPE_RAW
 
 ETH_P_ALL = 0x0003
 SOL_PACKET = 263

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from pfsync.pcap import CaptureError, read_capture
 from pfsync.sysctl import build_tree
-from statetable import StateTable, TableConfig, decode_frame
+from statetable import PASS, StateTable, TableConfig, decode_frame
 from statetable.decode import NOT_IP
 from statetable.mslt import Network
 
@@ -110,9 +110,8 @@ class Node:
             return self.table.test(pkt, now)
         if pkt == NOT_IP:
             self.non_ip += 1
-            return 0
-        self.table.pfres[pkt] += 1  # short, bad-offset, fragment
-        self.table.blocked += 1
+            return PASS
+        self.table.block_malformed(pkt)
         return MALFORMED
 
     def decoder_counters(self) -> list[tuple[str, int]]:

@@ -18,14 +18,7 @@ from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, BinaryIO, Self
 
-LINKTYPE_NULL = 0  # BSD loopback: 4-byte host-order address family, then the IP packet
-LINKTYPE_ETHERNET = 1
-LINKTYPE_RAW = 101  # bare IPv4 or IPv6 packet
-LINKTYPE_LOOP = 108  # OpenBSD loopback: like NULL but the family is in network order
-LINKTYPE_LINUX_SLL = 113
-LINKTYPE_IPV4 = 228
-LINKTYPE_IPV6 = 229
-LINKTYPE_LINUX_SLL2 = 276
+from statetable.decode import LINKTYPE_ETHERNET
 
 # A record claiming more than this is corruption, not a packet (Linux GSO frames stay < 64 KiB).
 MAX_CAPLEN = 256 * 1024

@@ -19,8 +19,9 @@ from pydantic import BaseModel
 
 from pfsync.sync.engine import LAG_BUCKETS_MS, SyncEngine, SyncSettings
 from statetable import timeouts as tmo
-from statetable.mslt import CLASS_NAMES
-from statetable.vtw import HashStats
+from statetable.mslt import CLASS_NAMES, MSL_MAX
+from statetable.table import LIMIT_STATES_MAX
+from statetable.vtw import ENTRIES_MAX, ENTRIES_MIN, HashStats
 
 if TYPE_CHECKING:
     from pfsync.node import Node
@@ -188,12 +189,6 @@ def build_tree(node: Node) -> SysctlTree:
                 ]
         return fields
 
-    def set_mslt(field: str) -> Callable[[Value], None]:
-        def apply(value: Value) -> None:
-            setattr(mslt.config, field, value)
-
-        return apply
-
     tree.add(
         SysctlNode(
             "net.inet.tcp.vtw.enable",
@@ -207,11 +202,12 @@ def build_tree(node: Node) -> SysctlTree:
         SysctlNode(
             "net.inet.tcp.vtw.entries",
             Kind.INT,
-            "slots per VTW pool (one pool per family and MSLT class; power of two, 4..16777216)",
+            "slots per VTW pool (one pool per family and MSLT class; power of two, "
+            f"{ENTRIES_MIN}..{ENTRIES_MAX})",
             lambda: vtw.entries,
             lambda v: table.set_vtw_entries(int(v)),
-            minimum=4,
-            maximum=1 << 24,
+            minimum=ENTRIES_MIN,
+            maximum=ENTRIES_MAX,
             power_of_two=True,
         )
     )
@@ -229,7 +225,7 @@ def build_tree(node: Node) -> SysctlTree:
             Kind.BOOL,
             "MSL by peer nearness (loopback/local/remote); 0: remote MSL for all",
             lambda: mslt.config.enable,
-            set_mslt("enable"),
+            lambda v: table.set_mslt(enable=bool(v)),
         )
     )
     for field, text in (
@@ -241,11 +237,11 @@ def build_tree(node: Node) -> SysctlTree:
             SysctlNode(
                 f"net.inet.tcp.mslt.{field}",
                 Kind.INT,
-                f"MSL in seconds of {text} (TIME_WAIT lasts 2 x MSL), 0..3600",
+                f"MSL in seconds of {text} (TIME_WAIT lasts 2 x MSL), 0..{MSL_MAX}",
                 lambda field=field: getattr(mslt.config, field),
-                set_mslt(field),
+                lambda v, field=field: table.set_mslt(**{field: int(v)}),
                 minimum=0,
-                maximum=3600,
+                maximum=MSL_MAX,
             )
         )
     tree.add(
@@ -264,9 +260,9 @@ def build_tree(node: Node) -> SysctlTree:
                 Kind.INT,
                 f"pf timeout {name} in {unit}",
                 lambda i=i: table.timeouts[i],
-                lambda v, i=i: table.timeouts.__setitem__(i, int(v)),
+                lambda v, i=i: table.set_timeout(i, int(v)),
                 minimum=0,
-                maximum=(1 << 31) - 1,
+                maximum=tmo.TIMEOUT_MAX,
             )
         )
     tree.add(
@@ -275,9 +271,9 @@ def build_tree(node: Node) -> SysctlTree:
             Kind.INT,
             "hard limit of the state table",
             lambda: table.limit_states,
-            lambda v: setattr(table, "limit_states", int(v)),
+            lambda v: table.set_limit_states(int(v)),
             minimum=1,
-            maximum=(1 << 31) - 1,
+            maximum=LIMIT_STATES_MAX,
         )
     )
     return tree

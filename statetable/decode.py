@@ -1,43 +1,65 @@
 """Frame decoder: link layer -> IPv4/IPv6 -> TCP/UDP/ICMP/ICMPv6, into one flat tuple.
 
-``decode_frame(frame, linktype)`` returns either a packet tuple
+``decode_frame(frame, linktype)`` returns either a :data:`Packet`
 
     (proto, key, flags, seq, ack, win, dlen, iplen, opt)
 
-or an int: a PFRES reason (``short``, ``bad-offset``, ``fragment``) or ``NOT_IP``.
-It never raises on any input.
+(positions named by the ``P_*`` constants below) or an int: a PFRES reason (``short``,
+``bad-offset``, ``fragment``) or ``NOT_IP``. It never raises on any input.
 
 - ``key``: see :mod:`statetable.keys` (addresses and ports as the packet carries them).
 - TCP: ``flags``/``seq``/``ack``/``win`` from the header, ``dlen`` = payload length,
   ``opt`` = the SYN's window scale in pf's encoding (``0x80 | shift``) or 0.
-- ICMP/ICMPv6: ``flags`` = type, ``seq`` = code; ``opt`` = for an error message, the
-  ``(proto, key)`` of the packet it quotes, else None.
+- ICMP/ICMPv6: the TCP positions are reused: ``flags`` = type, ``seq`` = code; ``opt`` =
+  for an error message, the ``(proto, key)`` of the packet it quotes, else None.
+- UDP and other protocols: ``flags``/``seq``/``ack``/``win`` are 0, ``opt`` 0 or None.
 - ``iplen``: the IP total length (what pf counts in its byte counters).
 
-The packet is a plain tuple, not a dataclass, on purpose: this runs once per packet and
-a tuple is the cheapest record Python has (measured in bench/bench_decode.py).
+The packet is a plain tuple, not a NamedTuple or dataclass, on purpose: this runs once
+per packet and a tuple is the cheapest record Python has (bench/bench_decode.py measures
+the alternatives).
 """
 
 from __future__ import annotations
 
 import struct
+from typing import Any, Final
 
 from statetable.counters import PFRES_BADOFF, PFRES_FRAG, PFRES_SHORT
+from statetable.state import WSCALE_FLAG
+
+# A decoded packet (see the module doc). The last field's type depends on the protocol
+# (int for TCP, the quoted (proto, key) or None for ICMP), hence Any.
+Packet = tuple[int, bytes, int, int, int, int, int, int, Any]
+# Positions in a Packet (Final, so a type checker knows each field's type at pkt[P_*]).
+P_PROTO: Final = 0
+P_KEY: Final = 1
+P_FLAGS: Final = 2  # ICMP: the type
+P_SEQ: Final = 3  # ICMP: the code
+P_ACK: Final = 4
+P_WIN: Final = 5
+P_DLEN: Final = 6
+P_IPLEN: Final = 7
+P_OPT: Final = 8
 
 NOT_IP = -1
 
-LINKTYPE_NULL = 0
+# IP protocol numbers.
+IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMPV6 = 1, 6, 17, 58
+
+# pcap link types (the ones the decoder reads).
+LINKTYPE_NULL = 0  # BSD loopback: 4-byte host-order address family, then the IP packet
 LINKTYPE_ETHERNET = 1
-LINKTYPE_RAW = 101
-LINKTYPE_LOOP = 108
+LINKTYPE_RAW = 101  # bare IPv4 or IPv6 packet
+LINKTYPE_LOOP = 108  # OpenBSD loopback: like NULL but the family is in network order
 LINKTYPE_LINUX_SLL = 113
 LINKTYPE_IPV4 = 228
 LINKTYPE_IPV6 = 229
 LINKTYPE_LINUX_SLL2 = 276
 
+# TCP header flags.
 TH_FIN, TH_SYN, TH_RST, TH_PUSH, TH_ACK, TH_URG = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
 TCP_MAX_WINSHIFT = 14
-WSCALE_FLAG = 0x80
 
 _IP4 = struct.Struct("!BxHxxHxB")  # version/ihl, total length, fragment, protocol
 _IP6 = struct.Struct("!4xHB")  # payload length, next header
@@ -58,7 +80,7 @@ _ICMP6_ERRORS = frozenset((1, 2, 3, 4))
 _NO_PORTS = b"\0\0\0\0"
 
 
-def decode_frame(frame: bytes, linktype: int) -> tuple | int:
+def decode_frame(frame: bytes, linktype: int) -> Packet | int:
     """Decode one captured frame of the given pcap link type (see module doc)."""
     if linktype == LINKTYPE_ETHERNET:
         if len(frame) < 14:
@@ -101,7 +123,7 @@ def decode_frame(frame: bytes, linktype: int) -> tuple | int:
     return NOT_IP
 
 
-def _by_ethertype(frame: bytes, ethertype: int, off: int) -> tuple | int:
+def _by_ethertype(frame: bytes, ethertype: int, off: int) -> Packet | int:
     if ethertype == _ETH_IPV4:
         return decode_ipv4(frame, off)
     if ethertype == _ETH_IPV6:
@@ -109,7 +131,7 @@ def _by_ethertype(frame: bytes, ethertype: int, off: int) -> tuple | int:
     return NOT_IP
 
 
-def decode_ip(frame: bytes, off: int) -> tuple | int:
+def decode_ip(frame: bytes, off: int) -> Packet | int:
     """Decode an IP packet of either version starting at ``off``."""
     if len(frame) <= off:
         return PFRES_SHORT
@@ -121,7 +143,7 @@ def decode_ip(frame: bytes, off: int) -> tuple | int:
     return NOT_IP
 
 
-def decode_ipv4(frame: bytes, off: int) -> tuple | int:
+def decode_ipv4(frame: bytes, off: int) -> Packet | int:
     """Decode an IPv4 packet starting at ``off``."""
     if len(frame) < off + 20:
         return PFRES_SHORT
@@ -142,7 +164,7 @@ def decode_ipv4(frame: bytes, off: int) -> tuple | int:
     )
 
 
-def decode_ipv6(frame: bytes, off: int) -> tuple | int:
+def decode_ipv6(frame: bytes, off: int) -> Packet | int:
     """Decode an IPv6 packet starting at ``off``, skipping extension headers."""
     if len(frame) < off + 40:
         return PFRES_SHORT
@@ -177,9 +199,9 @@ def decode_ipv6(frame: bytes, off: int) -> tuple | int:
 
 def _transport(
     frame: bytes, l4: int, proto: int, ips: bytes, l4len: int, iplen: int, v6: bool
-) -> tuple | int:
+) -> Packet | int:
     """Decode the transport header at ``l4``; ``l4len`` is its length from the IP header."""
-    if proto == 6:
+    if proto == IPPROTO_TCP:
         if len(frame) < l4 + 20 or l4len < 20:
             return PFRES_SHORT
         seq, ack, offx, flags, win = _TCP.unpack_from(frame, l4 + 4)
@@ -189,12 +211,12 @@ def _transport(
         if thl > l4len:
             return PFRES_SHORT
         opt = _syn_wscale(frame, l4 + 20, l4 + thl) if flags & TH_SYN and thl > 20 else 0
-        return (6, ips + frame[l4 : l4 + 4], flags, seq, ack, win, l4len - thl, iplen, opt)
-    if proto == 17:
+        return (proto, ips + frame[l4 : l4 + 4], flags, seq, ack, win, l4len - thl, iplen, opt)
+    if proto == IPPROTO_UDP:
         if len(frame) < l4 + 8 or l4len < 8:
             return PFRES_SHORT
-        return (17, ips + frame[l4 : l4 + 4], 0, 0, 0, 0, l4len - 8, iplen, 0)
-    if proto == 1 or proto == 58:
+        return (proto, ips + frame[l4 : l4 + 4], 0, 0, 0, 0, l4len - 8, iplen, 0)
+    if proto == IPPROTO_ICMP or proto == IPPROTO_ICMPV6:
         if len(frame) < l4 + 8 or l4len < 8:
             return PFRES_SHORT
         icmp_type, code = frame[l4], frame[l4 + 1]
@@ -233,11 +255,11 @@ def _quoted(frame: bytes, off: int, v6: bool) -> tuple[int, bytes] | int:
             return PFRES_BADOFF
         proto = frame[off + 9]
         ips, l4 = frame[off + 12 : off + 20], off + ihl
-    if proto in (6, 17):
+    if proto == IPPROTO_TCP or proto == IPPROTO_UDP:
         if len(frame) < l4 + 4:
             return PFRES_SHORT
         return proto, ips + frame[l4 : l4 + 4]
-    if proto in (1, 58):
+    if proto == IPPROTO_ICMP or proto == IPPROTO_ICMPV6:
         if len(frame) < l4 + 6:
             return PFRES_SHORT
         ident = frame[l4 + 4 : l4 + 6]

@@ -38,13 +38,17 @@ _V6_LINK_LOCAL = (0xFE80 << 112, ((1 << 10) - 1) << 118)
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+# Largest MSL a class may be given, in seconds.
+MSL_MAX = 3600
+
+
 class MsltConfig(BaseModel):
     """The net.inet.tcp.mslt.* knobs (MSLs in seconds)."""
 
     enable: bool = True
-    loopback: int = Field(1, ge=0, le=3600)
-    local: int = Field(5, ge=0, le=3600)
-    remote: int = Field(30, ge=0, le=3600)
+    loopback: int = Field(1, ge=0, le=MSL_MAX)
+    local: int = Field(5, ge=0, le=MSL_MAX)
+    remote: int = Field(30, ge=0, le=MSL_MAX)
 
 
 class Mslt:

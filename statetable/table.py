@@ -36,6 +36,22 @@ from statetable.counters import (
     PFRES_NAMES,
     PFRES_STATEINS,
 )
+from statetable.decode import (
+    IPPROTO_ICMP,
+    IPPROTO_ICMPV6,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    P_ACK,
+    P_DLEN,
+    P_FLAGS,
+    P_IPLEN,
+    P_KEY,
+    P_OPT,
+    P_SEQ,
+    P_WIN,
+    TH_SYN,
+    Packet,
+)
 from statetable.events import (
     Origin,
     RemoveReason,
@@ -56,16 +72,16 @@ from statetable.mslt import (
     class_flags,
     stored_class,
 )
-from statetable.state import ESTABLISHED, FIN_WAIT_2, MULTIPLE, PACKET, SINGLE, U16, State
+from statetable.state import ESTABLISHED, FIN_WAIT_2, MULTIPLE, PACKET, SINGLE, U16, Peer, State
+from statetable.tcp import SYN_ONLY_MASK, H, M
 from statetable.vtw import TICKS, WSCALE_BITS, Pool, Vestigial, Vtw, VtwConfig, quantize
 
 PASS, BLOCK = 0, 1
 # Results of applying a sync peer's action (see StateTable.apply_state).
 APPLIED, STALE, UNKNOWN, FAILED, BADVAL = range(5)
-_SEQ_HALF = 1 << 31
-_SYN_ONLY_MASK = tcp.TH_SYN | tcp.TH_ACK | tcp.TH_RST | tcp.TH_FIN
-# State.timeout of a state already unlinked from the table (pf's PFTM_UNLINKED).
-UNLINKED = 22
+# Upper bound of net.pf.limit.states (a C int in pf).
+LIMIT_STATES_MAX = (1 << 31) - 1
+_UNLINKED = tmo.UNLINKED
 # Per protocol: (first, single, multiple) timeouts.
 _UDP_TIMEOUTS = (tmo.UDP_FIRST, tmo.UDP_SINGLE, tmo.UDP_MULTIPLE)
 _OTHER_TIMEOUTS = (tmo.OTHER_FIRST, tmo.OTHER_SINGLE, tmo.OTHER_MULTIPLE)
@@ -74,7 +90,7 @@ _TIME_WAIT = tmo.TIME_WAIT  # a module constant: one lookup less per TCP packet
 
 def _seq_gt(a: int, b: int) -> bool:
     """TCP's SEQ_GT: ``a`` is after ``b`` in 32-bit sequence space."""
-    return 0 < (a - b) & 0xFFFFFFFF < _SEQ_HALF
+    return 0 < (a - b) & M < H
 
 
 class TableConfig(BaseModel):
@@ -83,7 +99,7 @@ class TableConfig(BaseModel):
     hostid: int = Field(1, ge=0, le=0xFFFFFFFF)
     # First state id; pf uses (boot time << 32) so ids stay unique across restarts.
     id_base: int = Field(1 << 32, ge=1, lt=1 << 64)
-    limit_states: int = Field(100000, ge=1)
+    limit_states: int = Field(100000, ge=1, le=LIMIT_STATES_MAX)
     timeouts: dict[str, int] = Field(default_factory=dict)
     mslt: MsltConfig = Field(default_factory=MsltConfig)
     vtw: VtwConfig = Field(default_factory=VtwConfig)
@@ -96,8 +112,8 @@ class TableConfig(BaseModel):
         for name, seconds in value.items():
             if name not in tmo.BY_NAME:
                 raise ValueError(f"unknown timeout {name!r}")
-            if seconds < 0:
-                raise ValueError(f"timeout {name} must be >= 0")
+            if not 0 <= seconds <= tmo.TIMEOUT_MAX:
+                raise ValueError(f"timeout {name} must be in 0..{tmo.TIMEOUT_MAX}")
         return value
 
 
@@ -113,8 +129,13 @@ class StateTable:
             self.timeouts[tmo.BY_NAME[name]] = seconds
         self._next_id = config.id_base
         # One dict per protocol, key -> State (keys do not carry the protocol).
-        self._by_proto: dict[int, dict[bytes, State]] = {6: {}, 17: {}, 1: {}, 58: {}}
-        self._tcp = self._by_proto[6]
+        self._by_proto: dict[int, dict[bytes, State]] = {
+            IPPROTO_TCP: {},
+            IPPROTO_UDP: {},
+            IPPROTO_ICMP: {},
+            IPPROTO_ICMPV6: {},
+        }
+        self._tcp = self._by_proto[IPPROTO_TCP]
         # creatorid -> id -> State; nested so no (id, creatorid) tuple is kept per state.
         self._by_id: dict[int, dict[int, State]] = {}
         self.count = 0
@@ -148,17 +169,14 @@ class StateTable:
         self._changes = []
         return changes
 
-    def _emit(self, event: object) -> None:
-        if self._changes is not None:
-            self._changes.append(event)
-
     # ---- per-packet path -------------------------------------------------------------
 
-    def test(self, pkt: tuple, now: float) -> int:
+    def test(self, pkt: Packet, now: float) -> int:
         """pf_test() for one decoded packet: PASS or BLOCK."""
+        # The positions are decode.P_*; one unpack is the cheapest way to read them all.
         proto, key, flags, seq, ack, win, dlen, iplen, opt = pkt
         self.fcounters[FCNT_STATE_SEARCH] += 1
-        if proto == 6:
+        if proto == IPPROTO_TCP:
             tab = self._tcp
             st = tab.get(key)
             fwd = True
@@ -172,8 +190,8 @@ class StateTable:
                         hit = self.vtw.find(key, rkey)
                         if hit is not None:
                             return self._record_segment(hit, pkt, now)
-                    if flags & _SYN_ONLY_MASK == tcp.TH_SYN:
-                        return self._create_tcp(key, flags, seq, win, dlen, iplen, opt, now)
+                    if flags & SYN_ONLY_MASK == TH_SYN:
+                        return self._create_tcp(pkt, now)
                     return self._no_state()
             if st.timeout == _TIME_WAIT:
                 return self._time_wait_segment(st, fwd, pkt, now)
@@ -200,8 +218,8 @@ class StateTable:
                     self._changes.append(StateUpdated(st, old_src, old_dst))
             self.passed += 1
             return PASS
-        if (proto == 1 or proto == 58) and opt is not None:
-            return self._icmp_error(opt)
+        if (proto == IPPROTO_ICMP or proto == IPPROTO_ICMPV6) and opt is not None:
+            return self._icmp_error(opt)  # an ICMP error: opt is the (proto, key) it quotes
         return self._test_stateless_proto(proto, key, iplen, now)
 
     # ---- TIME_WAIT ---------------------------------------------------------------------
@@ -217,25 +235,38 @@ class StateTable:
         expire = quantize(expire)
         if self.vtw.enabled and self.vtw.insert(st, cls, expire, now):
             self._unlink(st)
-            self._emit(StateVestigial(st, expire, cls, old_src, old_dst, self._origin))
+            if self._changes is not None:
+                self._changes.append(
+                    StateVestigial(st, expire, cls, old_src, old_dst, self._origin)
+                )
             return
         st.flags = (st.flags & ~MSLT_FLAGS) | class_flags(cls)
         st.timeout = tmo.TIME_WAIT
         st.expire = expire
-        self._emit(StateUpdated(st, old_src, old_dst, self._origin))
+        if self._changes is not None:
+            self._changes.append(StateUpdated(st, old_src, old_dst, self._origin))
 
-    def _time_wait_segment(self, st: State, fwd: bool, pkt: tuple, now: float) -> int:
+    def _time_wait_segment(self, st: State, fwd: bool, pkt: Packet, now: float) -> int:
         """A segment for a full state in TIME_WAIT (VTW off)."""
-        proto, key, flags, seq, ack, win, dlen, iplen, opt = pkt
         if st.expire <= now:
             self.remove(st, RemoveReason.EXPIRED)
             return self._no_tcp_state(pkt, now)
+        src: Peer
+        dst: Peer
         src, dst = (st, st.dst) if fwd else (st.dst, st)
         action = timewait.segment(
-            flags, seq, ack, dlen, src.seqlo, src.wscale, dst.seqlo, dst.max_win, dst.wscale
+            pkt[P_FLAGS],
+            pkt[P_SEQ],
+            pkt[P_ACK],
+            pkt[P_DLEN],
+            src.seqlo,
+            src.wscale,
+            dst.seqlo,
+            dst.max_win,
+            dst.wscale,
         )
         if action == timewait.PASS:
-            src.traffic += PACKET + iplen
+            src.traffic += PACKET + pkt[P_IPLEN]
             st.expire = quantize(now + self.mslt.time_wait(stored_class(st.flags)))
             if self._changes is not None:
                 self._changes.append(st)
@@ -243,15 +274,14 @@ class StateTable:
             self.remove(st, RemoveReason.CLOSED)
         elif action == timewait.REOPEN:
             self.remove(st, RemoveReason.REUSED)
-            return self._create_tcp(key, flags, seq, win, dlen, iplen, opt, now)
+            return self._create_tcp(pkt, now)
         else:
             return self._mismatch()
         self.passed += 1
         return PASS
 
-    def _record_segment(self, hit: tuple[Pool, int, bool], pkt: tuple, now: float) -> int:
+    def _record_segment(self, hit: tuple[Pool, int, bool], pkt: Packet, now: float) -> int:
         """A segment for a VTW record: the same decisions as :meth:`_time_wait_segment`."""
-        proto, key, flags, seq, ack, win, dlen, iplen, opt = pkt
         pool, slot, fwd = hit
         if pool.expire[slot] + pool.base <= now * TICKS:  # exact: see vtw.TICKS
             self.vtw.remove(pool, slot, RemoveReason.EXPIRED)
@@ -259,10 +289,10 @@ class StateTable:
         s = slot + slot if fwd else slot + slot + 1
         d = s ^ 1
         action = timewait.segment(
-            flags,
-            seq,
-            ack,
-            dlen,
+            pkt[P_FLAGS],
+            pkt[P_SEQ],
+            pkt[P_ACK],
+            pkt[P_DLEN],
             pool.seqlo[s],
             pool.peer[s] & WSCALE_BITS,
             pool.seqlo[d],
@@ -275,7 +305,7 @@ class StateTable:
             self.vtw.remove(pool, slot, RemoveReason.CLOSED)
         elif action == timewait.REOPEN:
             self.vtw.remove(pool, slot, RemoveReason.REUSED)
-            return self._create_tcp(key, flags, seq, win, dlen, iplen, opt, now)
+            return self._create_tcp(pkt, now)
         else:
             return self._mismatch()
         self.passed += 1
@@ -296,11 +326,10 @@ class StateTable:
                 )
             )
 
-    def _no_tcp_state(self, pkt: tuple, now: float) -> int:
+    def _no_tcp_state(self, pkt: Packet, now: float) -> int:
         """A TCP segment whose TIME_WAIT connection just expired: as if none was found."""
-        proto, key, flags, seq, ack, win, dlen, iplen, opt = pkt
-        if flags & _SYN_ONLY_MASK == tcp.TH_SYN:
-            return self._create_tcp(key, flags, seq, win, dlen, iplen, opt, now)
+        if pkt[P_FLAGS] & SYN_ONLY_MASK == TH_SYN:
+            return self._create_tcp(pkt, now)
         return self._no_state()
 
     def _mismatch(self) -> int:
@@ -318,12 +347,14 @@ class StateTable:
             for st in sorted(waiting, key=lambda st: st.expire):  # pools keep age order
                 if self.vtw.insert(st, stored_class(st.flags), st.expire):
                     self._unlink(st)
-                    self._emit(StateMoved(st, True))
+                    if self._changes is not None:
+                        self._changes.append(StateMoved(st, True))
             return
         for st in self.vtw.drain():
             st.timeout = tmo.TIME_WAIT
             self._link(st, announce=False)
-            self._emit(StateMoved(st, False))
+            if self._changes is not None:
+                self._changes.append(StateMoved(st, False))
 
     def set_vtw_entries(self, entries: int) -> None:
         """Resize the VTW pools (the oldest records are evicted if they no longer fit)."""
@@ -337,23 +368,14 @@ class StateTable:
         self.blocked += 1
         return BLOCK
 
-    def _create_tcp(
-        self,
-        key: bytes,
-        flags: int,
-        seq: int,
-        win: int,
-        dlen: int,
-        iplen: int,
-        opt: int,
-        now: float,
-    ) -> int:
-        st = self._new_state(key, 6, now)
+    def _create_tcp(self, pkt: Packet, now: float) -> int:
+        """A state from a pure SYN (the caller checked the flags)."""
+        st = self._new_state(pkt[P_KEY], IPPROTO_TCP, now)
         if st is None:
             return BLOCK
-        tcp.init_state(st, flags, seq, win, dlen, opt)
+        tcp.init_state(st, pkt[P_FLAGS], pkt[P_SEQ], pkt[P_WIN], pkt[P_DLEN], pkt[P_OPT])
         st.timeout = tmo.TCP_FIRST
-        st.traffic = PACKET + iplen
+        st.traffic = PACKET + pkt[P_IPLEN]
         self.half_open += 1
         self._link(st)
         return PASS
@@ -373,13 +395,15 @@ class StateTable:
                 if st is None:
                     return BLOCK
                 st.traffic = PACKET + iplen
-                if proto == 1 or proto == 58:
+                if proto == IPPROTO_ICMP or proto == IPPROTO_ICMPV6:
                     st.timeout = tmo.ICMP_FIRST
                 else:
                     st.state = SINGLE
-                    st.timeout = tmo.UDP_FIRST if proto == 17 else tmo.OTHER_FIRST
+                    st.timeout = tmo.UDP_FIRST if proto == IPPROTO_UDP else tmo.OTHER_FIRST
                 self._link(st)
                 return PASS
+        src: Peer
+        dst: Peer
         if fwd:
             src, dst = st, st.dst
         else:
@@ -388,14 +412,14 @@ class StateTable:
         st.expire = now
         old_src = st.state
         old_dst = st.dst.state
-        if proto == 1 or proto == 58:
+        if proto == IPPROTO_ICMP or proto == IPPROTO_ICMPV6:
             st.timeout = tmo.ICMP_ERROR  # pf: any matching ICMP query or reply
         else:
             if src.state < SINGLE:
                 src.state = SINGLE
             if dst.state == SINGLE:
                 dst.state = MULTIPLE
-            first, single, multiple = _UDP_TIMEOUTS if proto == 17 else _OTHER_TIMEOUTS
+            first, single, multiple = _UDP_TIMEOUTS if proto == IPPROTO_UDP else _OTHER_TIMEOUTS
             st.timeout = multiple if src.state == MULTIPLE and dst.state == MULTIPLE else single
         changes = self._changes
         if changes is not None:
@@ -414,7 +438,7 @@ class StateTable:
         if (
             tab is not None
             and (key in tab or rkey in tab)
-            or proto == 6
+            or proto == IPPROTO_TCP
             and self.vtw.live
             and self.vtw.find(key, rkey) is not None
         ):
@@ -463,10 +487,12 @@ class StateTable:
         if st.key in tab or rkey in tab or self.get_by_id(st.id, st.creatorid) is not None:
             self.pfres[PFRES_STATEINS] += 1
             return False
-        time_wait = st.proto == 6 and st.state >= FIN_WAIT_2 and st.dst.state >= FIN_WAIT_2
+        time_wait = (
+            st.proto == IPPROTO_TCP and st.state >= FIN_WAIT_2 and st.dst.state >= FIN_WAIT_2
+        )
         if st.timeout >= tmo.PFTM_MAX and not (time_wait and st.timeout == tmo.TIME_WAIT):
             raise ValueError("a state must carry a real timeout to be inserted")
-        if st.proto == 6 and self.vtw.live:
+        if st.proto == IPPROTO_TCP and self.vtw.live:
             hit = self.vtw.find(st.key, rkey)
             if hit is not None:
                 if self._record_identity(hit[0], hit[1]) == (st.id, st.creatorid):
@@ -478,7 +504,7 @@ class StateTable:
         if self.count >= self.limit_states:
             self.pfres[PFRES_MAXSTATES] += 1
             return False
-        if st.proto == 6 and st.state < ESTABLISHED:
+        if st.proto == IPPROTO_TCP and st.state < ESTABLISHED:
             self.half_open += 1
         self._link(st)
         return True
@@ -495,8 +521,12 @@ class StateTable:
         # then vestigial), so every consumer sees one story whatever the VTW mode.
         if self.vtw.enabled and self.vtw.insert(st, cls, expire):
             self.fcounters[FCNT_STATE_INSERT] += 1
-            self._emit(StateInserted(st, self._origin))
-            self._emit(StateVestigial(st, expire, cls, st.state, st.dst.state, self._origin))
+            if self._changes is not None:
+                self._changes.append(StateInserted(st, self._origin))
+            if self._changes is not None:
+                self._changes.append(
+                    StateVestigial(st, expire, cls, st.state, st.dst.state, self._origin)
+                )
             return True
         if self.count >= self.limit_states:
             self.pfres[PFRES_MAXSTATES] += 1
@@ -518,7 +548,7 @@ class StateTable:
     def apply_state(self, new: State, now: float) -> int:
         """A peer's full state (INS, UPD, TIME_WAIT or bulk content): imported when
         unknown, merged by pfsync's stale rule when known. ``new`` is kept if imported."""
-        if new.proto != 6 and (
+        if new.proto != IPPROTO_TCP and (
             new.state > MULTIPLE or new.dst.state > MULTIPLE or new.timeout == tmo.TIME_WAIT
         ):
             return BADVAL
@@ -534,11 +564,11 @@ class StateTable:
                     (new.dst.state, new.dst.seqlo, new.dst.seqhi, new.dst.max_win, new.dst.wscale),
                     now,
                 )
-            if new.proto == 6 and self.vtw.live:
+            if new.proto == IPPROTO_TCP and self.vtw.live:
                 found = self.vtw.find_id(new.id, new.creatorid)
                 if found is not None:
                     return self._merge_record(new.state, new.dst.state)
-            if not new.flags & MSLT_FLAGS and new.state >= ESTABLISHED and new.proto == 6:
+            if not new.flags & MSLT_FLAGS and new.state >= ESTABLISHED and new.proto == IPPROTO_TCP:
                 new.flags |= class_flags(self.mslt.classify(new.key))
             return APPLIED if self.insert(new) else FAILED
         finally:
@@ -563,7 +593,7 @@ class StateTable:
                 if self.vtw.live and self.vtw.find_id(id, creatorid) is not None:
                     return self._merge_record(src[0], dst[0])
                 return UNKNOWN
-            if cur.proto != 6 and (
+            if cur.proto != IPPROTO_TCP and (
                 src[0] > MULTIPLE or dst[0] > MULTIPLE or timeout == tmo.TIME_WAIT
             ):
                 return BADVAL
@@ -583,11 +613,7 @@ class StateTable:
             if st is not None:
                 self.remove(st, RemoveReason.PEER)
                 return True
-            found = self.vtw.find_id(id, creatorid) if self.vtw.live else None
-            if found is None:
-                return False
-            self.vtw.remove(found[0], found[1], RemoveReason.PEER)
-            return True
+            return self.remove_vestigial_by_id(id, creatorid, RemoveReason.PEER)
         finally:
             self._origin = Origin.LOCAL
 
@@ -603,7 +629,7 @@ class StateTable:
         """pfsync's stale rule, side by side: our side wins when its peer state is
         higher, or equal with a later seqlo (TCP); other protocols only go forward."""
         old_src, old_dst = st.state, st.dst.state
-        tcp_state = st.proto == 6
+        tcp_state = st.proto == IPPROTO_TCP
         stale = 0
         for mine, theirs in ((st, src), (st.dst, dst)):
             if mine.state > theirs[0] or (
@@ -630,7 +656,8 @@ class StateTable:
                     return STALE if stale else APPLIED
             elif st.timeout == tmo.TIME_WAIT:
                 st.timeout = tmo.TCP_CLOSING  # a peer knows better: not closed after all
-        self._emit(StateUpdated(st, old_src, old_dst, Origin.PEER))
+        if self._changes is not None:
+            self._changes.append(StateUpdated(st, old_src, old_dst, Origin.PEER))
         return STALE if stale else APPLIED
 
     @staticmethod
@@ -662,7 +689,7 @@ class StateTable:
 
     def remove(self, st: State, reason: RemoveReason) -> None:
         """Unlink a state; it may still sit in the purge queue, marked UNLINKED."""
-        if st.timeout == UNLINKED:
+        if st.timeout == _UNLINKED:
             return
         self._unlink(st)
         if self._changes is not None:
@@ -674,9 +701,9 @@ class StateTable:
         del ids[st.id]
         if not ids:
             del self._by_id[st.creatorid]
-        if st.proto == 6 and st.state < ESTABLISHED:
+        if st.proto == IPPROTO_TCP and st.state < ESTABLISHED:
             self.half_open -= 1
-        st.timeout = UNLINKED
+        st.timeout = _UNLINKED
         self.count -= 1
         self.fcounters[FCNT_STATE_REMOVALS] += 1
 
@@ -717,6 +744,20 @@ class StateTable:
             self.vtw.remove(pool, slot, reason)
         return len(victims)
 
+    def vestigial_by_id(self, id: int, creatorid: int) -> Vestigial | None:
+        """A copy of the VTW record with this sync identity, or None."""
+        hit = self.vtw.find_id(id, creatorid)
+        return None if hit is None else hit[0].view(hit[1])
+
+    def remove_vestigial_by_id(self, id: int, creatorid: int, reason: RemoveReason) -> bool:
+        """Remove the VTW record with this sync identity (a peer's delete, say); False if
+        there is none."""
+        hit = self.vtw.find_id(id, creatorid)
+        if hit is None:
+            return False
+        self.vtw.remove(hit[0], hit[1], reason)
+        return True
+
     def time_wait_endpoint(self, addr: bytes, port: int) -> list[Vestigial]:
         """VTW records whose initiator is ``addr:port`` (NetBSD's local-port lookup: is
         this source port still held by a connection in TIME_WAIT?)."""
@@ -731,9 +772,8 @@ class StateTable:
     def expires_at(self, st: State) -> float:
         """pf_state_expires(): when ``st`` expires at the table's current size."""
         if st.timeout >= tmo.PFTM_MAX:
-            if st.timeout == tmo.PURGE or st.timeout == tmo.TIME_WAIT:
-                return st.expire
-            return float("-inf")
+            # TIME_WAIT's expiry is absolute; an unlinked state is already gone.
+            return st.expire if st.timeout == tmo.TIME_WAIT else float("-inf")
         scale = tmo.adaptive_scale(self.timeouts, self.count)
         if scale is None:
             return st.expire
@@ -749,13 +789,12 @@ class StateTable:
         """
         if maxcheck is None:
             maxcheck = 1 + self.count // max(1, self.timeouts[tmo.INTERVAL])
+        # Seconds each timeout id adds to State.expire. Pseudo-timeouts add nothing:
+        # TIME_WAIT's expire is absolute, UNLINKED states are skipped below.
+        lifetimes = [0.0] * tmo.TIMEOUT_IDS
         scale = tmo.adaptive_scale(self.timeouts, self.count)
-        if scale is None:
-            lifetimes = [0.0] * tmo.PFTM_MAX
-        else:
-            lifetimes = [t * scale for t in self.timeouts]
-        # PFTM_MAX (unused), PURGE: expire now, UNLINKED (skipped), TIME_WAIT: absolute.
-        lifetimes += [0.0, float("-inf"), 0.0, 0.0]
+        if scale is not None:
+            lifetimes[: tmo.PFTM_MAX] = [t * scale for t in self.timeouts]
         removed = self.vtw.expire(now)
         queue, pos = self._purge_queue, self._purge_pos
         rebuilt = False
@@ -770,7 +809,7 @@ class StateTable:
             for i in range(pos, end):
                 st = queue[i]
                 timeout = st.timeout
-                if timeout != UNLINKED and st.expire + lifetimes[timeout] <= now:
+                if timeout != _UNLINKED and st.expire + lifetimes[timeout] <= now:
                     self.remove(st, RemoveReason.EXPIRED)
                     removed += 1
             pos = end
@@ -804,6 +843,36 @@ class StateTable:
         finally:
             self._origin = Origin.LOCAL
         return len(victims) + records
+
+    def block_malformed(self, reason: int) -> None:
+        """Count a frame the decoder rejected (``short``, ``bad-offset``, ``fragment``:
+        a PFRES index) as blocked for that reason; it never reaches :meth:`test`."""
+        self.pfres[reason] += 1
+        self.blocked += 1
+
+    def set_timeout(self, timeout: int, seconds: int) -> None:
+        """Set one pf timeout (a PFTM_* id below ``PFTM_MAX``) in seconds (or states,
+        for the adaptive ones); applies to every state from the next lookup or purge."""
+        if not 0 <= timeout < tmo.PFTM_MAX:
+            raise ValueError(f"no timeout with id {timeout}")
+        if not 0 <= seconds <= tmo.TIMEOUT_MAX:
+            raise ValueError(f"timeout {tmo.NAMES[timeout]} must be in 0..{tmo.TIMEOUT_MAX}")
+        self.timeouts[timeout] = seconds
+
+    def set_limit_states(self, limit: int) -> None:
+        """Set the hard limit of full states; states above a lowered limit stay."""
+        if not 1 <= limit <= LIMIT_STATES_MAX:
+            raise ValueError(f"limit must be in 1..{LIMIT_STATES_MAX}")
+        self.limit_states = limit
+
+    def set_mslt(self, **changes: bool | int) -> None:
+        """Change MSLT settings (``enable``, ``loopback``, ``local``, ``remote``; see
+        :class:`statetable.mslt.MsltConfig`), validated; classified states keep their class."""
+        unknown = changes.keys() - MsltConfig.model_fields.keys()
+        if unknown:
+            raise ValueError(f"unknown MSLT settings: {sorted(unknown)}")
+        config = self.mslt.config.model_dump() | changes
+        self.mslt.config = MsltConfig.model_validate(config)
 
     def clear_counters(self) -> None:
         """pfctl -F info: zero the PFRES and state-table counters."""

@@ -12,6 +12,7 @@ normalisation, SACK-block checks (pf skips them too) and TCP timestamps.
 
 from __future__ import annotations
 
+from statetable.decode import TH_ACK, TH_FIN, TH_RST, TH_SYN
 from statetable.state import (
     CLOSING,
     ESTABLISHED,
@@ -21,13 +22,16 @@ from statetable.state import (
     U16,
     WSCALE_FLAG,
     WSCALE_MASK,
+    Peer,
     State,
 )
 from statetable.timeouts import TCP_CLOSED, TCP_CLOSING, TCP_ESTABLISHED, TCP_FINWAIT, TCP_OPENING
 
-TH_FIN, TH_SYN, TH_RST, TH_ACK = 0x01, 0x02, 0x04, 0x10
+# Sequence arithmetic modulo 2**32: M masks a difference, H is its sign bit (SEQ_GEQ).
 M = 0xFFFFFFFF
 H = 0x80000000
+# flags & SYN_ONLY_MASK == TH_SYN: a pure SYN (no ACK, RST or FIN), the only creator.
+SYN_ONLY_MASK = TH_SYN | TH_ACK | TH_RST | TH_FIN
 # Acks may lag by one window plus one MTU-sized segment (pf: 1500 "fudge factor").
 MAXACKWINDOW = 0xFFFF + 1500
 TCP_MAXWIN = 0xFFFF
@@ -41,6 +45,8 @@ def track(
     ``fwd`` is True when the segment comes from the state's source (the initiator).
     ``opt`` is the SYN's window-scale option in pf's encoding (0x80 | shift) or 0.
     """
+    src: Peer
+    dst: Peer
     if fwd:
         src, dst = st, st.dst
     else:
@@ -102,7 +108,7 @@ def track(
 
     ackskew = ((dst.seqlo - ack + H) & M) - H
     seqlo = src.seqlo
-    if (
+    in_window = (
         ((src.seqhi - data_end) & M) < H  # inside their window
         and ((seq - seqlo + (dst.max_win << dws)) & M) < H  # <= one window back
         and -MAXACKWINDOW <= ackskew <= (MAXACKWINDOW << sws)  # ack within a window
@@ -112,59 +118,53 @@ def track(
             or orig_seq == ((seqlo + 1) & M)
             or ((orig_seq + 1) & M) == seqlo
         )
-    ):
-        if src.max_win < win:
-            src.max_win = U16[win]
-        if 0 < ((end - seqlo) & M) < H:  # SEQ_GT(end, seqlo)
-            src.seqlo = end
-        scaled = win << sws
-        if ((ack + scaled - dst.seqhi) & M) < H:
-            dst.seqhi = (ack + (scaled or 1)) & M
-        if flags & TH_SYN and src.state < SYN_SENT:
-            src.state = SYN_SENT
-        if flags & TH_FIN and src.state < CLOSING:
-            src.state = CLOSING
-        if flags & TH_ACK:
-            if dst.state == SYN_SENT:
-                dst.state = ESTABLISHED
-            elif dst.state == CLOSING:
-                dst.state = FIN_WAIT_2
-        if flags & TH_RST:
-            src.state = dst.state = TIME_WAIT
-        st.expire = now
-        s, d = src.state, dst.state
-        if s >= FIN_WAIT_2 and d >= FIN_WAIT_2:
-            st.timeout = TCP_CLOSED
-        elif s >= CLOSING and d >= CLOSING:
-            st.timeout = TCP_FINWAIT
-        elif s < ESTABLISHED or d < ESTABLISHED:
-            st.timeout = TCP_OPENING
-        elif s >= CLOSING or d >= CLOSING:
-            st.timeout = TCP_CLOSING
-        else:
-            st.timeout = TCP_ESTABLISHED
-        return True
-
-    if (
+    )
+    if not in_window and not (
         (dst.state < SYN_SENT or dst.state >= FIN_WAIT_2 or src.state >= FIN_WAIT_2)
         and ((src.seqhi + MAXACKWINDOW - data_end) & M) < H
         and ((seq - seqlo + MAXACKWINDOW) & M) < H
     ):
-        # Loose match: shotgunned SYNs, a stream picked up mid-way, or stray segments
-        # right after close. Windows move, the timeout does not (so floods age out).
-        if src.max_win < win:
-            src.max_win = U16[win]
-        if 0 < ((end - seqlo) & M) < H:
-            src.seqlo = end
-        scaled = win << sws
-        if ((ack + scaled - dst.seqhi) & M) < H:
-            dst.seqhi = (ack + (scaled or 1)) & M
+        return False
+    # In window, or a loose match (shotgunned SYNs, a stream picked up mid-way, stray
+    # segments right after close): either way the windows move.
+    if src.max_win < win:
+        src.max_win = U16[win]
+    if 0 < ((end - seqlo) & M) < H:  # SEQ_GT(end, seqlo)
+        src.seqlo = end
+    scaled = win << sws
+    if ((ack + scaled - dst.seqhi) & M) < H:
+        dst.seqhi = (ack + (scaled or 1)) & M
+    if not in_window:
+        # A loose match moves no timeout (so floods age out).
         if flags & TH_FIN and src.state < CLOSING:
             src.state = CLOSING
         if flags & TH_RST:
             src.state = dst.state = TIME_WAIT
         return True
-    return False
+    if flags & TH_SYN and src.state < SYN_SENT:
+        src.state = SYN_SENT
+    if flags & TH_FIN and src.state < CLOSING:
+        src.state = CLOSING
+    if flags & TH_ACK:
+        if dst.state == SYN_SENT:
+            dst.state = ESTABLISHED
+        elif dst.state == CLOSING:
+            dst.state = FIN_WAIT_2
+    if flags & TH_RST:
+        src.state = dst.state = TIME_WAIT
+    st.expire = now
+    s, d = src.state, dst.state
+    if s >= FIN_WAIT_2 and d >= FIN_WAIT_2:
+        st.timeout = TCP_CLOSED
+    elif s >= CLOSING and d >= CLOSING:
+        st.timeout = TCP_FINWAIT
+    elif s < ESTABLISHED or d < ESTABLISHED:
+        st.timeout = TCP_OPENING
+    elif s >= CLOSING or d >= CLOSING:
+        st.timeout = TCP_CLOSING
+    else:
+        st.timeout = TCP_ESTABLISHED
+    return True
 
 
 def init_state(st: State, flags: int, seq: int, win: int, dlen: int, opt: int) -> None:

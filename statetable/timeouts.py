@@ -30,11 +30,17 @@ from __future__ import annotations
     TS_DIFF,
 ) = range(20)
 PFTM_MAX = 20
-# Not a real timeout: a state marked for removal at the next purge (pf's PFTM_PURGE).
-PURGE = 21
+# Pseudo-timeouts above PFTM_MAX: a State.timeout value that is no configurable timeout.
+# A state already unlinked from the table that may still sit in the purge queue (pf's
+# PFTM_UNLINKED).
+UNLINKED = 22
 # Not a pf timeout: a full state in TIME_WAIT (VTW off). Its ``expire`` holds the absolute
 # expiry (2 x MSL of its class, see statetable.mslt), which adaptive timeouts never scale.
 TIME_WAIT = 23
+# Largest value a timeout may be set to (pf keeps them in a C int).
+TIMEOUT_MAX = (1 << 31) - 1
+# Number of timeout ids, pseudo ones included: the size of a table indexed by State.timeout.
+TIMEOUT_IDS = TIME_WAIT + 1
 
 NAMES: tuple[str, ...] = (
     "tcp.first",
@@ -107,10 +113,10 @@ BY_NAME: dict[str, int] = {name: i for i, name in enumerate(NAMES)}
 
 
 def name_of(timeout: int) -> str:
-    """The pf name of a timeout id (``purge`` for a state awaiting removal)."""
+    """The pf name of a timeout id (``unlinked`` for a state already removed)."""
     if timeout < PFTM_MAX:
         return NAMES[timeout]
-    return "tcp.timewait" if timeout == TIME_WAIT else "purge"
+    return "tcp.timewait" if timeout == TIME_WAIT else "unlinked"
 
 
 def adaptive_scale(values: list[int], states: int) -> float | None:

@@ -20,14 +20,9 @@ The check reads plain numbers so both holders can call it without building objec
 
 from __future__ import annotations
 
+from statetable.decode import TH_ACK, TH_FIN, TH_RST, TH_SYN
 from statetable.state import WSCALE_MASK
-
-TH_FIN, TH_SYN, TH_RST, TH_ACK = 0x01, 0x02, 0x04, 0x10
-_SYN_ONLY_MASK = TH_SYN | TH_ACK | TH_RST | TH_FIN
-M = 0xFFFFFFFF
-H = 0x80000000
-# As in the tracker: acks may lag by one window plus one MTU-sized segment.
-MAXACKWINDOW = 0xFFFF + 1500
+from statetable.tcp import MAXACKWINDOW, SYN_ONLY_MASK, H, M
 
 PASS, BLOCK, CLOSE, REOPEN = range(4)
 
@@ -44,7 +39,7 @@ def segment(
     dst_wscale: int,
 ) -> int:
     """PASS, BLOCK, CLOSE or REOPEN for one segment from ``src`` to ``dst``."""
-    if flags & _SYN_ONLY_MASK == TH_SYN:
+    if flags & SYN_ONLY_MASK == TH_SYN:
         return REOPEN
     if flags & TH_RST:
         return CLOSE if seq == src_seqlo else BLOCK

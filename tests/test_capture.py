@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from pfsync.afpacket import InterfaceError, PacketCapture
-from pfsync.pcap import LINKTYPE_ETHERNET, read_capture
+from pfsync.pcap import read_capture
+from statetable.decode import LINKTYPE_ETHERNET
 from tests import traffic
 from tests.traffic import Connection
 

@@ -11,16 +11,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pfsync.pcap import (
-    LINKTYPE_ETHERNET,
-    LINKTYPE_IPV4,
-    LINKTYPE_LINUX_SLL2,
-    LINKTYPE_NULL,
-    LINKTYPE_RAW,
     MAX_CAPLEN,
     CaptureError,
     PcapngWriter,
     PcapWriter,
     read_capture,
+)
+from statetable.decode import (
+    LINKTYPE_ETHERNET,
+    LINKTYPE_IPV4,
+    LINKTYPE_LINUX_SLL2,
+    LINKTYPE_NULL,
+    LINKTYPE_RAW,
 )
 
 FRAMES = [

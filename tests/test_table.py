@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import get_args
 
 import pytest
 
@@ -33,8 +34,11 @@ from statetable.counters import (
     PFRES_BADSTATE,
     PFRES_MATCH,
     PFRES_MAXSTATES,
+    PFRES_SHORT,
     PFRES_STATEINS,
 )
+from statetable.events import Event
+from statetable.mslt import CLASSLESS, MSL_MAX, REMOTE
 from statetable.state import CLOSED, ESTABLISHED, MULTIPLE, NO_TRAFFIC, SINGLE, SYN_SENT
 from tests import packets
 from tests.changes import Recorder
@@ -581,22 +585,26 @@ def test_no_event_objects_are_built_without_a_reader(monkeypatch: pytest.MonkeyP
     def boom(*args: object) -> None:
         raise AssertionError("event built while nobody reads changes")
 
-    for name in (
-        "StateInserted",
-        "StateUpdated",
-        "StateRemoved",
-        "StateVestigial",
-        "VestigialRemoved",
-        "StateMoved",
-    ):
-        monkeypatch.setattr(table_module, name, boom)
+    for name in get_args(Event):
+        monkeypatch.setattr(table_module, name.__name__, boom)
     table = StateTable()
     st = tcp_handshake(table)
     send(table, udp())
     send(table, udp(B, A, 53, 5000))
     table.kill(st)
+    # A connection closed both ways: a VTW record (StateVestigial), then expired from its
+    # pool by the purge below (VestigialRemoved).
+    tcp_handshake(table, sport=40001)
+    for frame in (
+        packets.tcp(A, B, 40001, 80, FIN | ACK, 101, 901),
+        packets.tcp(B, A, 80, 40001, ACK, 901, 102),
+        packets.tcp(B, A, 80, 40001, FIN | ACK, 901, 102),
+        packets.tcp(A, B, 40001, 80, ACK, 102, 902),
+    ):
+        assert send(table, frame) == PASS
+    assert table.count == 1 and table.vtw.live == 1  # the UDP state and the record
     table.purge(T0 + 10**6)
-    assert table.count == 0
+    assert table.count == 0 and table.vtw.live == 0
     assert table.take_changes() == []
 
 
@@ -736,6 +744,57 @@ def test_clear_one_creator() -> None:
     assert table.clear(99) == 0
     assert table.clear(1) == 2
     assert [s.creatorid for s in table.states()] == [3]
+
+
+def test_malformed_frames_are_blocked_under_their_reason() -> None:
+    table = StateTable()
+    table.block_malformed(PFRES_SHORT)
+    table.block_malformed(PFRES_SHORT)
+    assert table.pfres[PFRES_SHORT] == 2 and table.blocked == 2 and table.passed == 0
+
+
+def test_set_timeout_applies_to_existing_states() -> None:
+    table = StateTable()
+    send(table, udp(), 100.0)
+    st = state_of(table, udp())
+    table.set_timeout(tmo.UDP_FIRST, 5)
+    assert table.expires_at(st) == 105.0
+    assert table.purge(105.0) == 1
+
+
+@pytest.mark.parametrize(
+    ("timeout", "seconds"), [(tmo.PFTM_MAX, 1), (-1, 1), (0, -1), (0, 1 << 31)]
+)
+def test_set_timeout_refuses_unknown_ids_and_out_of_range_values(
+    timeout: int, seconds: int
+) -> None:
+    table = StateTable()
+    with pytest.raises(ValueError):
+        table.set_timeout(timeout, seconds)
+    assert table.timeouts == list(tmo.DEFAULTS)
+
+
+def test_set_limit_states_takes_effect_for_the_next_creation() -> None:
+    table = StateTable()
+    udp_flows(table, 2)
+    table.set_limit_states(2)
+    assert send(table, udp(sport=99)) == BLOCK and table.pfres[PFRES_MAXSTATES] == 1
+    with pytest.raises(ValueError):
+        table.set_limit_states(0)
+    assert table.limit_states == 2
+
+
+def test_set_mslt_changes_the_time_wait_lifetime_and_validates() -> None:
+    table = StateTable()
+    table.set_mslt(remote=7)
+    assert table.mslt.time_wait(REMOTE) == 14.0
+    table.set_mslt(enable=False)
+    assert table.mslt.state_class(keys.make(bytes(4), bytes(4), 1, 2), 0) == CLASSLESS
+    with pytest.raises(ValueError):
+        table.set_mslt(remote=MSL_MAX + 1)
+    with pytest.raises(ValueError, match="unknown"):
+        table.set_mslt(remot=7)
+    assert table.mslt.time_wait(REMOTE) == 14.0
 
 
 def test_clear_counters() -> None:

@@ -41,7 +41,7 @@ from statetable.state import (
     Peer,
     State,
 )
-from statetable.table import UNLINKED
+from statetable.timeouts import UNLINKED
 from statetable.vtw import VtwConfig
 from tests import packets
 from tests.changes import Recorder

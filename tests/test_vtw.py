@@ -24,7 +24,15 @@ from statetable.counters import FCNT_STATE_INSERT, FCNT_STATE_SEARCH, PFRES_BADS
 from statetable.events import RemoveReason, StateInserted, StateVestigial, VestigialRemoved
 from statetable.mslt import CLASSLESS, LOCAL, LOOPBACK, REMOTE, MsltConfig, Network
 from statetable.state import CLOSED, FIN_WAIT_2, SYN_SENT, TIME_WAIT, Peer, State
-from statetable.vtw import PeerView, Pool, Vestigial, VtwConfig, VtwStats
+from statetable.vtw import (
+    ENTRIES_MAX,
+    PeerView,
+    Pool,
+    PoolCorruption,
+    Vestigial,
+    VtwConfig,
+    VtwStats,
+)
 from tests.changes import Recorder
 from tests.packets import ACK, FIN, PSH, RST, SYN
 from tests.test_tcp_tracking import (
@@ -41,6 +49,8 @@ from tests.test_tcp_tracking import (
 LIFETIME = {LOOPBACK: 2.0, LOCAL: 10.0, REMOTE: 60.0, CLASSLESS: 60.0}
 NETS: list[Network] = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8:1::/64")]
 
+
+pytestmark = pytest.mark.usefixtures("checked_pools")
 
 # ---- helpers -------------------------------------------------------------------------------
 
@@ -585,15 +595,50 @@ def _ipv4_pool(entries: int) -> Pool:
     return table.vtw.pools[(4, REMOTE)]
 
 
-def test_ipv4_pool_costs_61_bytes_per_slot() -> None:
-    """Flat arrays only: 61 bytes per slot for IPv4 (85 with IPv6 keys), nothing per record."""
-    pool = _ipv4_pool(65536)
+def test_ipv4_pool_costs_64_bytes_per_slot() -> None:
+    """Flat arrays only: 64 bytes per slot for IPv4 (88 with IPv6 keys), nothing per record."""
+    pool = Pool(4, REMOTE, 65536, VtwStats(), 0, slots=65536)
     assert pool.capacity == 65535
-    assert pool.nbytes / pool.size == 61
-    v6 = vtw_table()
-    closed(v6, client="2001:db8::c", server="2001:db8::5")
-    pool6 = v6.vtw.pools[(6, REMOTE)]
-    assert pool6.nbytes / pool6.size == 61 + 24
+    assert pool.nbytes == 64 * 65536
+    pool6 = Pool(6, REMOTE, 65536, VtwStats(), 0, slots=65536)
+    assert pool6.nbytes == (64 + 24) * 65536
+
+
+def test_a_pool_grows_with_its_records_up_to_its_size() -> None:
+    """A pool starts small and doubles when full, keeping every record findable;
+    evictions start only at its limit."""
+    table = vtw_table(vtw=VtwConfig(entries=4096))
+    first = closed(table, cport=1)
+    small = table.vtw.pools[(4, REMOTE)].nbytes
+    for i in range(2, 4096):  # straight into the pools: 4,094 closes' worth of records
+        st_ = State(keys.make(ip("10.1.0.1"), ip("10.2.0.1"), i, 443), 6, i, 1, T0)
+        st_.state = st_.dst.state = TIME_WAIT
+        assert table.vtw.insert(st_, REMOTE, T0 + 60, T0)
+    table.vtw.check()
+    pool = table.vtw.pools[(4, REMOTE)]
+    assert small < pool.nbytes == 64 * 4096
+    assert table.vtw.live == 4095 and table.vtw.stats.kill == 0
+    assert table.vestigial_by_id(2, 1) is not None
+    assert table.vtw.find(client_key(first), keys.reverse(client_key(first))) is not None
+    closed(table, cport=2)
+    assert table.vtw.live == 4095 and table.vtw.stats.kill == 1
+
+
+def test_the_largest_pool_size_costs_memory_only_for_records() -> None:
+    """net.inet.tcp.vtw.entries at its maximum allocates nothing up front, and a few
+    records cost a small pool, not 2**24 slots' worth."""
+    table = vtw_table()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        table.set_vtw_entries(ENTRIES_MAX)
+        for i in range(100):
+            closed(table, cport=1000 + i)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert table.vtw.live == 100 and table.vtw.usage()[0][3] == ENTRIES_MAX - 1
+    assert grown < 1_000_000  # ~64 B x INITIAL_SLOTS plus the table's 100 packets
 
 
 def test_a_pool_allocates_what_it_counts() -> None:
@@ -601,13 +646,13 @@ def test_a_pool_allocates_what_it_counts() -> None:
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        pool = Pool(4, REMOTE, 65536, VtwStats(), 0)
+        pool = Pool(4, REMOTE, 65536, VtwStats(), 0, slots=65536)
         allocated = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
-    assert pool.nbytes == 61 * 65536
+    assert pool.nbytes == 64 * 65536
     assert pool.nbytes <= allocated < pool.nbytes + 16384
-    assert allocated / pool.capacity < 61.1
+    assert allocated / pool.capacity < 64.1
 
 
 def test_a_creator_the_pool_cannot_name_stays_a_full_time_wait_state() -> None:
@@ -615,12 +660,13 @@ def test_a_creator_the_pool_cannot_name_stays_a_full_time_wait_state() -> None:
     which behaves exactly as a record would."""
     table = vtw_table()
     closed(table, cport=1000)
-    pool = table.vtw.pools[(4, REMOTE)]
-    pool.creator_ids.extend(range(2, 65538))  # as if 65,536 creators were seen
-    pool._creator_index.update((c, i + 1) for i, c in enumerate(range(2, 65538)))
+    for creatorid in range(2, 65537):  # 65,535 more creators (65,536 in all), a record each
+        st_ = State(keys.make(bytes(4), bytes(4), creatorid & 0xFFFF, 2), 6, 1, creatorid, T0)
+        st_.state = st_.dst.state = TIME_WAIT
+        assert table.vtw.insert(st_, REMOTE, T0 + 60, T0)
     table.hostid = 0x77777777
     conn = closed(table, cport=2000)
-    assert table.vtw.live == 1 and table.count == 1
+    assert table.vtw.live == 65535 and table.count == 1
     st = conn.st
     assert st.timeout == tmo.TIME_WAIT and st.creatorid == 0x77777777
     conn.now += 5
@@ -711,7 +757,12 @@ def _live_view(table: StateTable) -> list[tuple]:
     )
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=200,
+    deadline=None,
+    # checked_pools patches StateTable once per test; every example runs under it.
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(conv=conversations(), tail=tails())
 def test_vtw_on_and_off_give_identical_verdicts(conv: Conversation, tail: list[Late]) -> None:
     """For any conversation plus late segments, VTW changes where TIME_WAIT lives, never a
@@ -778,13 +829,81 @@ def test_a_restart_past_the_tick_range_rebuilds_and_keeps_the_record() -> None:
     table = vtw_table(mslt=MsltConfig(remote=3600))
     conn = closed(table, at=T0, cport=1000)
     pool = table.vtw.pools[(4, REMOTE)]
-    slot = next(pool.slots())
-    shift = 0xFFFFFFFF - 1000 - pool.expire[slot]  # as if made ~48 days ago
-    pool.base -= shift
-    pool.expire[slot] += shift
-    assert only_record(table).expire == T0 + 7200
-    assert not pool.fits(T0 + 50 + 7200)
-    conn.now = T0 + 50  # before it is due
+    # A late FIN every hour keeps the record for weeks, until a restart leaves the range.
+    while pool.fits(conn.now + 3600 + 7200):
+        conn.now += 3600
+        assert conn.c(FIN | ACK, 1001, 5001) == PASS
+    assert table.vtw.pools[(4, REMOTE)] is pool
+    conn.now += 3600
     assert conn.c(FIN | ACK, 1001, 5001) == PASS
     assert table.vtw.pools[(4, REMOTE)] is not pool
-    assert table.vtw.live == 1 and only_record(table).expire == T0 + 50 + 7200
+    assert table.vtw.live == 1 and only_record(table).expire == conn.now + 7200
+
+
+# ---- the (id, creatorid) index and the invariants ----------------------------------------
+
+
+def test_records_are_found_and_removed_by_sync_identity() -> None:
+    """A peer's delete names a record by (id, creatorid): found without a scan, removed
+    with an event, and other creators' records with the same id are left alone."""
+    table = vtw_table()
+    events = Recorder(table)
+    conns = [closed(table, cport=1000 + i) for i in range(3)]
+    ids = [r.id for r in table.vestigial()]
+    table.hostid = 0x99
+    closed(table, cport=2000)
+    other = only_record_of(table, 0x99)
+    found = table.vestigial_by_id(ids[1], 1)
+    assert found is not None and found.key == client_key(conns[1])
+    assert table.vestigial_by_id(ids[1], 0x99) is None
+    assert table.vestigial_by_id(other.id, 0x99) == other
+    assert table.remove_vestigial_by_id(ids[1], 1, RemoveReason.PEER)
+    assert not table.remove_vestigial_by_id(ids[1], 1, RemoveReason.PEER)
+    assert table.vestigial_by_id(ids[1], 1) is None
+    assert [(e.key, e.reason) for e in events if isinstance(e, VestigialRemoved)] == [
+        (client_key(conns[1]), RemoveReason.PEER)
+    ]
+    assert sorted(r.id for r in table.vestigial()) == sorted([ids[0], ids[2], other.id])
+
+
+def only_record_of(table: StateTable, creatorid: int) -> Vestigial:
+    (record,) = [r for r in table.vestigial() if r.creatorid == creatorid]
+    return record
+
+
+def test_unlinking_a_slot_missing_from_its_chain_fails_loudly() -> None:
+    """A record whose hash bucket lost it raises PoolCorruption on removal (it used to
+    loop forever)."""
+    table = vtw_table()
+    closed(table, cport=1000)
+    closed(table, cport=1001)
+    pool = table.vtw.pools[(4, REMOTE)]
+    oldest = next(pool.slots())
+    for heads in (pool.key_heads, pool.port_heads, pool.id_heads):
+        for bucket in range(len(heads)):
+            if heads[bucket] == oldest:
+                heads[bucket] = 0
+    with pytest.raises(PoolCorruption):
+        table.vtw.check()
+    with pytest.raises(PoolCorruption, match="not in the chain"):
+        table.vtw.remove(pool, oldest, RemoveReason.KILLED)
+
+
+@pytest.mark.parametrize("damage", ["age", "free", "live", "tag"])
+def test_check_finds_each_kind_of_damage(damage: str) -> None:
+    table = vtw_table()
+    for i in range(3):
+        closed(table, cport=1000 + i)
+    table.vtw.check()
+    pool = table.vtw.pools[(4, REMOTE)]
+    first, second, _ = pool.slots()
+    if damage == "age":
+        pool.older[second] = 0
+    elif damage == "free":
+        pool.newer[pool.free] = first  # the free list runs into a record
+    elif damage == "live":
+        pool.live += 1
+    else:
+        pool.tags[first] ^= 1
+    with pytest.raises(PoolCorruption):
+        pool.check()

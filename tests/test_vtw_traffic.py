@@ -31,7 +31,7 @@ from tests import packets, traffic
 from tests.changes import Recorder
 from tests.packets import ACK, FIN, PSH, RST
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("checked_pools")]
 
 LOOPBACK_TIME_WAIT = 2.0  # 2 x the default loopback MSL of 1 s
 
