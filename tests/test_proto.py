@@ -30,7 +30,7 @@ def test_generated_code_matches_the_protos(tmp_path: Path) -> None:
 
 
 def test_generator_runs_as_a_module(tmp_path: Path) -> None:
-    """`python -m pfsync._protogen --out DIR` writes three files per .proto."""
+    """`python -m pfsync._protogen --out DIR` writes three files per .proto and the set."""
     result = subprocess.run(
         [sys.executable, "-m", "pfsync._protogen", "--out", str(tmp_path)],
         capture_output=True,
@@ -44,6 +44,7 @@ def test_generator_runs_as_a_module(tmp_path: Path) -> None:
         "control_pb2.py",
         "control_pb2.pyi",
         "control_pb2_grpc.py",
+        "descriptors.binpb",
         "sysctl_pb2.py",
         "sysctl_pb2.pyi",
         "sysctl_pb2_grpc.py",
@@ -62,8 +63,8 @@ def test_imported_modules_are_the_generated_ones() -> None:
 
 
 def test_control_service_shape() -> None:
-    """The Control service offers the calls the tools and daemon rely on."""
-    service = control_pb2.DESCRIPTOR.services_by_name["Control"]
+    """The ControlService offers the calls the tools and daemon rely on."""
+    service = control_pb2.DESCRIPTOR.services_by_name["ControlService"]
     methods = {method.name: method for method in service.methods}
     assert set(methods) >= {
         "ListStates",
@@ -78,10 +79,11 @@ def test_control_service_shape() -> None:
     assert methods["ListStates"].server_streaming
     assert not methods["GetInfo"].server_streaming
     assert control_pb2.DESCRIPTOR.package == "pfsync.v1"
-    assert control_pb2.State.IN == 1 and control_pb2.State.OUT == 2
+    assert control_pb2.DIRECTION_IN == 1 and control_pb2.DIRECTION_OUT == 2
 
 
 def test_inject_verdicts_are_packed() -> None:
     """Per-frame verdicts cost about a byte each on the wire (packed repeated)."""
-    reply = control_pb2.InjectReply(verdicts=[0, 1, 2] * 100)
+    verdicts = [control_pb2.VERDICT_PASS, control_pb2.VERDICT_BLOCK, control_pb2.VERDICT_ERROR]
+    reply = control_pb2.InjectResponse(verdicts=verdicts * 100)
     assert len(reply.SerializeToString()) < 310
