@@ -85,6 +85,7 @@ def _level(peer: pb.PeerState, proto: int) -> int:
     The enum member read follows the state's protocol, as pf's meaning of the number does;
     an unset level reads as pf's 0.
     """
+    value: int
     if proto == IPPROTO_TCP:
         value = peer.tcp_state
     elif proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
