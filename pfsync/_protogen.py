@@ -28,6 +28,10 @@ PROTO_ROOT = REPO_ROOT / "proto"
 PACKAGE_DIR = Path("pfsync") / "v1"
 #: What protoc writes for ``x.proto``: ``x`` + each suffix.
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2_grpc.py", "_pb2.pyi")
+#: One FileDescriptorSet of every package .proto and its imports, *with* source info
+#: (comments). The ``_pb2`` modules embed descriptors stripped of comments; server
+#: reflection serves this set instead, so clients discovering the API see its docs.
+DESCRIPTOR_SET = "descriptors.binpb"
 
 
 def proto_files(proto_root: Path = PROTO_ROOT) -> list[Path]:
@@ -37,7 +41,11 @@ def proto_files(proto_root: Path = PROTO_ROOT) -> list[Path]:
 
 def generated_files(directory: Path) -> list[Path]:
     """Return the generated files present in ``directory``, sorted by name."""
-    return sorted(path for path in directory.iterdir() if path.name.endswith(GENERATED_SUFFIXES))
+    return sorted(
+        path
+        for path in directory.iterdir()
+        if path.name.endswith(GENERATED_SUFFIXES) or path.name == DESCRIPTOR_SET
+    )
 
 
 def generate(out_root: Path = REPO_ROOT, proto_root: Path = PROTO_ROOT) -> list[Path]:
@@ -63,6 +71,9 @@ def generate(out_root: Path = REPO_ROOT, proto_root: Path = PROTO_ROOT) -> list[
         f"--python_out={out_root}",
         f"--grpc_python_out={out_root}",
         f"--pyi_out={out_root}",
+        f"--descriptor_set_out={out_dir / DESCRIPTOR_SET}",
+        "--include_imports",
+        "--include_source_info",
         *(str(source) for source in sources),
     ]
     status = protoc.main(argv)

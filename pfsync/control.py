@@ -1,12 +1,17 @@
-"""The Control gRPC service: the node's side of pfctl (grpc.aio adapter, no logic of its own
-beyond translating between the table and the wire contract)."""
+"""The ControlService gRPC service: the node's side of pfctl (grpc.aio adapter, no logic of
+its own beyond translating between the table and the wire contract in control.proto)."""
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import AsyncIterator
+import re
+import socket
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import chain
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
 
 from pfsync.admin import require_admin
 from pfsync.node import MALFORMED, Node
@@ -15,49 +20,83 @@ from pfsync.v1 import control_pb2_grpc
 from statetable import keys
 from statetable import timeouts as tmo
 from statetable.counters import PFRES_NAMES
-from statetable.state import FLAG_NOSYNC, TIME_WAIT, Peer, State
-from statetable.table import BLOCK
+from statetable.state import FLAG_NOSYNC, TIME_WAIT, WSCALE_FLAG, WSCALE_MASK, Peer, State
+from statetable.table import BLOCK, PASS
 from statetable.vtw import PeerView, Vestigial
 
 CHUNK = 1000  # states per ListStates message: ~200 KB, far below 4 MiB
 MAX_INJECT_FRAMES = 65536
-NO_RULE = 0xFFFFFFFF
 LIMITS = ("states", "src-nodes", "frags", "tables", "table-entries")
+IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_ICMPV6 = 1, 6, 58
+
+_FAMILY = {4: pb.ADDRESS_FAMILY_IPV4, 6: pb.ADDRESS_FAMILY_IPV6}
+_DIRECTION = {1: pb.DIRECTION_IN, 2: pb.DIRECTION_OUT}
+_VERDICT = {PASS: pb.VERDICT_PASS, BLOCK: pb.VERDICT_BLOCK, MALFORMED: pb.VERDICT_ERROR}
+_SOURCE_KIND = {"pcap": pb.PACKET_SOURCE_KIND_PCAP, "capture": pb.PACKET_SOURCE_KIND_CAPTURE}
+_HEX = re.compile(r"[0-9a-fA-F]+")
 
 
-def peer_to_pb(peer: Peer) -> pb.PeerState:
-    """One peer on the wire (seqdiff and mss are not tracked: always 0)."""
-    return pb.PeerState(
-        state=peer.state,
+class BadRequest(ValueError):
+    """A request field that does not parse; the message is one line for INVALID_ARGUMENT."""
+
+
+# --- table -> wire --------------------------------------------------------------------------
+
+
+def address_text(addr: bytes) -> str:
+    """4 or 16 network-order bytes as text (inet_ntop: mapped IPv6 prints dotted, as pf)."""
+    return socket.inet_ntop(socket.AF_INET if len(addr) == 4 else socket.AF_INET6, addr)
+
+
+def _state_field(proto: int) -> str:
+    """The PeerState oneof member that holds a peer's level for this IP protocol."""
+    if proto == IPPROTO_TCP:
+        return "tcp_state"
+    return "icmp_state" if proto in (IPPROTO_ICMP, IPPROTO_ICMPV6) else "udp_state"
+
+
+def peer_to_pb(peer: Peer | PeerView, proto: int, level: int | None = None) -> pb.PeerState:
+    """One peer on the wire (seqdiff and mss are not tracked: always 0).
+
+    The enums number pf's levels from 1 (0 means unset), hence ``+ 1``. ``level`` overrides
+    the peer's own (a TIME_WAIT record's peers are in TIME_WAIT whatever they last reached).
+    """
+    msg = pb.PeerState(
         seqlo=peer.seqlo,
         seqhi=peer.seqhi,
         max_win=peer.max_win,
-        wscale=peer.wscale,
-        packets=peer.packets,
-        bytes=peer.bytes,
+        wscale_offered=bool(peer.wscale & WSCALE_FLAG),
+        wscale=peer.wscale & WSCALE_MASK,
     )
+    setattr(msg, _state_field(proto), (peer.state if level is None else level) + 1)
+    if isinstance(peer, Peer):
+        msg.packets = peer.packets
+        msg.bytes = peer.bytes
+    return msg
 
 
-def state_to_pb(node: Node, st: State, now: float) -> pb.State:
-    """A table state on the wire, with age and remaining lifetime relative to ``now``."""
+def state_to_pb(st: State, now: float, expires_at: Callable[[State], float]) -> pb.State:
+    """A table state on the wire, with age and remaining lifetime relative to ``now``.
+
+    ``expires_at`` is the table's (it depends on the timeouts and adaptive scaling).
+    """
     sa, sp, da, dp = st.endpoints()
     return pb.State(
-        id=st.id,
-        creatorid=st.creatorid,
-        af=st.af,
+        id=f"{st.id:016x}",
+        creatorid=f"{st.creatorid:08x}",
+        af=_FAMILY[st.af],
         proto=st.proto,
         ifname="all",
-        direction=st.direction,
-        src_addr=sa,
-        dst_addr=da,
+        direction=_DIRECTION.get(st.direction, pb.DIRECTION_UNSPECIFIED),
+        src_address=address_text(sa),
+        dst_address=address_text(da),
         src_port=sp,
         dst_port=dp,
-        src=peer_to_pb(st),
-        dst=peer_to_pb(st.dst),
+        src=peer_to_pb(st, st.proto),
+        dst=peer_to_pb(st.dst, st.proto),
         timeout=tmo.name_of(st.timeout),
         age_seconds=max(0, int(now - st.creation)),
-        expires_in=max(0, int(node.table.expires_at(st) - now + 0.999)),
-        rule=NO_RULE,
+        expires_in_seconds=max(0, int(expires_at(st) - now + 0.999)),
         nosync=bool(st.flags & FLAG_NOSYNC),
     )
 
@@ -66,46 +105,94 @@ def vestigial_to_pb(rec: Vestigial, now: float) -> pb.State:
     """A VTW record on the wire: no counters, no creation time (the record keeps neither)."""
     sa, sp, da, dp = keys.unpack(rec.key)
     return pb.State(
-        id=rec.id,
-        creatorid=rec.creatorid,
-        af=rec.af,
-        proto=6,
+        id=f"{rec.id:016x}",
+        creatorid=f"{rec.creatorid:08x}",
+        af=_FAMILY[rec.af],
+        proto=IPPROTO_TCP,
         ifname="all",
-        direction=pb.State.IN,
-        src_addr=sa,
-        dst_addr=da,
+        direction=pb.DIRECTION_IN,
+        src_address=address_text(sa),
+        dst_address=address_text(da),
         src_port=sp,
         dst_port=dp,
-        src=_record_peer(rec.src),
-        dst=_record_peer(rec.dst),
+        src=peer_to_pb(rec.src, IPPROTO_TCP, TIME_WAIT),
+        dst=peer_to_pb(rec.dst, IPPROTO_TCP, TIME_WAIT),
         timeout=tmo.name_of(tmo.TIME_WAIT),
-        expires_in=max(0, int(rec.expire - now + 0.999)),
-        rule=NO_RULE,
+        expires_in_seconds=max(0, int(rec.expire - now + 0.999)),
         vestigial=True,
     )
 
 
-def _record_peer(peer: PeerView) -> pb.PeerState:
-    # The connection is in TIME_WAIT whatever pf state each side last reached.
-    return pb.PeerState(
-        state=TIME_WAIT,
-        seqlo=peer.seqlo,
-        seqhi=peer.seqhi,
-        max_win=peer.max_win,
-        wscale=peer.wscale,
-    )
+# --- wire -> table --------------------------------------------------------------------------
 
 
-def _address_match(addr: bytes, match: pb.HostMatch) -> bool:
-    if not match.addr:
-        return True
-    if len(match.addr) != len(addr):
-        return False
-    net = ipaddress.ip_network((match.addr, match.prefix_len), strict=False)
-    return ipaddress.ip_address(addr) in net
+def parse_address(text: str, what: str) -> bytes:
+    """Text address to network-order bytes; ``BadRequest`` in one line if it does not parse."""
+    try:
+        return ipaddress.ip_address(text).packed
+    except ValueError:
+        raise BadRequest(f"{what}: not an IP address: {text[:64]!r}") from None
 
 
-class ControlService(control_pb2_grpc.ControlServicer):
+def parse_hex(text: str, digits: int, what: str) -> int:
+    """1 to ``digits`` hex digits (an optional 0x, as pfctl's %x) to an int."""
+    bare = text[2:] if text[:2] in ("0x", "0X") else text
+    if not (0 < len(bare) <= digits and _HEX.fullmatch(bare)):
+        raise BadRequest(f"{what}: want 1 to {digits} hex digits, got {text[:64]!r}")
+    return int(bare, 16)
+
+
+@dataclass(frozen=True)
+class _Network:
+    """An AddressMatch, parsed: matches addresses of its length within its prefix."""
+
+    size: int
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network
+
+    @classmethod
+    def parse(cls, match: pb.AddressMatch, what: str) -> _Network:
+        addr = parse_address(match.address, f"{what}.address")
+        bits = 8 * len(addr)
+        prefix = match.prefix_len if match.HasField("prefix_len") else bits
+        if prefix > bits:
+            raise BadRequest(f"{what}.prefix_len: {prefix} is longer than the address ({bits})")
+        return cls(len(addr), ipaddress.ip_network((addr, prefix), strict=False))
+
+    def __contains__(self, addr: bytes) -> bool:
+        return len(addr) == self.size and ipaddress.ip_address(addr) in self.network
+
+
+@dataclass(frozen=True)
+class _Identity:
+    """A state's (id, creatorid) from a request's text fields."""
+
+    id: int
+    creatorid: int
+
+    @classmethod
+    def parse(cls, id_text: str, creatorid_text: str, hostid: int) -> _Identity:
+        state_id = parse_hex(id_text, 16, "id")
+        if state_id == 0:
+            raise BadRequest("id: must not be 0")
+        creatorid = parse_hex(creatorid_text, 8, "creatorid") if creatorid_text else hostid
+        return cls(state_id, creatorid)
+
+    def owns(self, item: State | Vestigial) -> bool:
+        return item.id == self.id and item.creatorid == self.creatorid
+
+
+def _chunks(rows: Iterable[pb.State]) -> Iterator[pb.ListStatesResponse]:
+    chunk: list[pb.State] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == CHUNK:
+            yield pb.ListStatesResponse(states=chunk)
+            chunk = []
+    if chunk:
+        yield pb.ListStatesResponse(states=chunk)
+
+
+class ControlService(control_pb2_grpc.ControlServiceServicer):
     """Serves a node's table. Admin calls need the token, or a loopback client if none."""
 
     def __init__(self, node: Node, admin_token: str | None = None) -> None:
@@ -117,53 +204,59 @@ class ControlService(control_pb2_grpc.ControlServicer):
 
     async def ListStates(
         self, request: pb.ListStatesRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.StatesChunk]:
-        if request.address and len(request.address) not in (4, 16):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "address must be 4 or 16 bytes")
-        node = self.node
-        creatorid = request.creatorid or node.hostid
-        if request.id:
-            found = node.table.get_by_id(request.id, creatorid)
+    ) -> AsyncIterator[pb.ListStatesResponse]:
+        node, table = self.node, self.node.table
+        try:
+            address = parse_address(request.address, "address") if request.address else None
+            identity = (
+                _Identity.parse(request.id, request.creatorid, node.hostid) if request.id else None
+            )
+            creatorid = (
+                parse_hex(request.creatorid, 8, "creatorid")
+                if request.creatorid and identity is None
+                else None
+            )
+        except BadRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise
+        proto = request.proto
+
+        def wanted(item: State | Vestigial) -> bool:
+            if creatorid is not None and item.creatorid != creatorid:
+                return False
+            if address is not None:
+                sa, _, da, _ = keys.unpack(item.key)
+                return address in (sa, da)
+            return True
+
+        # Snapshot the items first: the table may change while the stream waits on the client.
+        if identity is not None:
+            found = table.get_by_id(identity.id, identity.creatorid)
             states = [found] if found is not None else []
         else:
-            states = list(node.table.states())
-        records: list[Vestigial] = []
-        if not request.proto or request.proto == 6:
-            records = [
-                rec
-                for rec in node.table.vestigial()
-                if not request.id or (rec.id, rec.creatorid) == (request.id, creatorid)
-            ]
-        now = node.clock()
-        chunk: list[pb.State] = []
-        for item in [*states, *records]:
-            is_state = isinstance(item, State)
-            if is_state and request.proto and item.proto != request.proto:
-                continue
-            if request.address:
-                sa, _, da, _ = keys.unpack(item.key)
-                if request.address not in (sa, da):
-                    continue
-            chunk.append(
-                state_to_pb(node, item, now)
-                if is_state  # type: ignore[arg-type]
-                else vestigial_to_pb(item, now)
-            )  # type: ignore[arg-type]
-            if len(chunk) == CHUNK:
-                yield pb.StatesChunk(states=chunk)
-                chunk = []
-        if chunk:
-            yield pb.StatesChunk(states=chunk)
+            states = [st for st in table.states() if not proto or st.proto == proto]
+        records = (
+            [rec for rec in table.vestigial() if identity is None or identity.owns(rec)]
+            if not proto or proto == IPPROTO_TCP
+            else []
+        )
+        now, expires_at = node.clock(), table.expires_at
+        rows = chain(
+            (state_to_pb(st, now, expires_at) for st in states if wanted(st)),
+            (vestigial_to_pb(rec, now) for rec in records if wanted(rec)),
+        )
+        for chunk in _chunks(rows):
+            yield chunk
 
     async def GetInfo(
         self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext
-    ) -> pb.Info:
+    ) -> pb.GetInfoResponse:
         node, table = self.node, self.node.table
         searches, inserts, removals = table.fcounters
-        return pb.Info(
+        return pb.GetInfoResponse(
             running=True,
-            enabled_seconds=int(node.clock() - node.started),
-            hostid=node.hostid,
+            enabled_for=Duration(seconds=int(node.clock() - node.started)),
+            hostid=f"{node.hostid:08x}",
             debug="err",
             current_entries=table.count,
             half_open_tcp=table.half_open,
@@ -176,7 +269,11 @@ class ControlService(control_pb2_grpc.ControlServicer):
             decoder_counters=[pb.Counter(name=n, value=v) for n, v in node.decoder_counters()],
             sources=[
                 pb.PacketSource(
-                    kind=s.kind, name=s.name, frames=s.frames, done=s.done, error=s.error
+                    kind=_SOURCE_KIND.get(s.kind, pb.PACKET_SOURCE_KIND_UNSPECIFIED),
+                    name=s.name,
+                    frames=s.frames,
+                    done=s.done,
+                    error=s.error,
                 )
                 for s in node.sources
             ],
@@ -186,29 +283,31 @@ class ControlService(control_pb2_grpc.ControlServicer):
 
     async def GetTimeouts(
         self, request: pb.GetTimeoutsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.Timeouts:
+    ) -> pb.GetTimeoutsResponse:
         values = self.node.table.timeouts
-        return pb.Timeouts(
-            timeouts=[
-                pb.Timeout(
-                    name=tmo.NAMES[i],
-                    seconds=values[i],
-                    unit="states" if tmo.NAMES[i].startswith("adaptive.") else "s",
-                )
-                for i in tmo.DISPLAY_ORDER
-            ]
-        )
+        timeouts = []
+        for i in tmo.DISPLAY_ORDER:
+            name = tmo.NAMES[i]
+            if name.startswith("adaptive."):  # state counts, not times
+                timeouts.append(pb.Timeout(name=name, states=values[i]))
+            else:
+                timeouts.append(pb.Timeout(name=name, duration=Duration(seconds=values[i])))
+        return pb.GetTimeoutsResponse(timeouts=timeouts)
 
     async def GetMemory(
         self, request: pb.GetMemoryRequest, context: grpc.aio.ServicerContext
-    ) -> pb.Memory:
+    ) -> pb.GetMemoryResponse:
         # Only states are limited here; the other pools of pf do not exist in this node.
         hard = {"states": self.node.table.limit_states}
-        return pb.Memory(limits=[pb.Limit(name=n, hard_limit=hard.get(n, NO_RULE)) for n in LIMITS])
+        limits = [
+            pb.Limit(name=n, hard_limit=hard[n]) if n in hard else pb.Limit(name=n, unlimited=True)
+            for n in LIMITS
+        ]
+        return pb.GetMemoryResponse(limits=limits)
 
     async def Inject(
         self, request: pb.InjectRequest, context: grpc.aio.ServicerContext
-    ) -> pb.InjectReply:
+    ) -> pb.InjectResponse:
         await self._require_admin(context)
         if len(request.frames) > MAX_INJECT_FRAMES:
             await context.abort(
@@ -218,53 +317,64 @@ class ControlService(control_pb2_grpc.ControlServicer):
         feed, now = node.feed, node.clock()
         verdicts = [feed(f.data, f.linktype, now) for f in request.frames]
         blocked, errors = verdicts.count(BLOCK), verdicts.count(MALFORMED)
-        return pb.InjectReply(
+        return pb.InjectResponse(
             passed=len(verdicts) - blocked - errors,
             blocked=blocked,
             errors=errors,
-            verdicts=verdicts,
+            verdicts=[_VERDICT[v] for v in verdicts],
         )
 
     async def KillStates(
-        self, request: pb.KillRequest, context: grpc.aio.ServicerContext
-    ) -> pb.KillReply:
+        self, request: pb.KillStatesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.KillStatesResponse:
         await self._require_admin(context)
         table = self.node.table
-        if request.by_id:
-            creatorid = request.creatorid or self.node.hostid
-            st = table.get_by_id(request.id, creatorid)
-            victims = [st] if st is not None else []
-            records = table.kill_vestigial(
-                lambda rec: (rec.id, rec.creatorid) == (request.id, creatorid)
-            )
-        else:
-            for match in (request.src, request.dst):
-                if match.addr and len(match.addr) not in (4, 16):
-                    await context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT, "addresses must be 4 or 16 bytes"
-                    )
-                if match.prefix_len > 8 * max(len(match.addr), 4):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prefix too long")
-
-            def matches(key: bytes) -> bool:
-                sa, _, da, _ = keys.unpack(key)
-                return _address_match(sa, request.src) and _address_match(da, request.dst)
-
-            victims = [st for st in table.states() if matches(st.key)]
-            records = table.kill_vestigial(lambda rec: matches(rec.key))
+        try:
+            victims, predicate = self._kill_targets(request)
+        except BadRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise
+        records = table.kill_vestigial(predicate)
         for st in victims:
             table.kill(st)
-        return pb.KillReply(killed=len(victims) + records)
+        return pb.KillStatesResponse(killed=len(victims) + records)
+
+    def _kill_targets(
+        self, request: pb.KillStatesRequest
+    ) -> tuple[list[State], Callable[[Vestigial], bool]]:
+        """The full states to kill and a predicate choosing the records to kill."""
+        table = self.node.table
+        by_hosts = request.HasField("src") or request.HasField("dst")
+        if request.id:
+            if by_hosts:
+                raise BadRequest("give id or src/dst, not both")
+            identity = _Identity.parse(request.id, request.creatorid, self.node.hostid)
+            found = table.get_by_id(identity.id, identity.creatorid)
+            return ([found] if found is not None else []), identity.owns
+        if request.creatorid:
+            raise BadRequest("creatorid needs id")
+        if not request.src.address:
+            raise BadRequest("give id, or src.address (with an optional dst)")
+        src = _Network.parse(request.src, "src")
+        dst = _Network.parse(request.dst, "dst") if request.dst.address else None
+        if dst is not None and dst.size != src.size:
+            raise BadRequest("src and dst must be of one address family")
+
+        def matches(key: bytes) -> bool:
+            sa, _, da, _ = keys.unpack(key)
+            return sa in src and (dst is None or da in dst)
+
+        return [st for st in table.states() if matches(st.key)], lambda rec: matches(rec.key)
 
     async def ClearStates(
-        self, request: pb.ClearRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ClearReply:
+        self, request: pb.ClearStatesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClearStatesResponse:
         await self._require_admin(context)
-        return pb.ClearReply(cleared=self.node.table.clear())
+        return pb.ClearStatesResponse(cleared=self.node.table.clear())
 
     async def ClearCounters(
         self, request: pb.ClearCountersRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ClearCountersReply:
+    ) -> pb.ClearCountersResponse:
         await self._require_admin(context)
         self.node.clear_counters()
-        return pb.ClearCountersReply()
+        return pb.ClearCountersResponse()

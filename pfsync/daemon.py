@@ -19,12 +19,12 @@ from typing import NoReturn
 import grpc
 from google.protobuf.internal import api_implementation
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from pfsync.config import ConfigError, NodeConfig, load_config
 from pfsync.control import ControlService
 from pfsync.netif import local_networks, parse_networks
 from pfsync.node import Node
+from pfsync.reflection import enable_reflection
 from pfsync.sync.engine import SyncEngine
 from pfsync.sync.peer import SERVER_OPTIONS, SyncDriver, TlsFiles
 from pfsync.sysctl import SysctlError, add_sync_nodes
@@ -193,25 +193,27 @@ async def serve(config: NodeConfig, exit_after_replay: bool = False) -> int:
     if config.admin_token_file is not None:
         admin_token = config.admin_token_file.read_text().strip()
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    control_pb2_grpc.add_ControlServicer_to_server(ControlService(node, admin_token), server)
-    sysctl_pb2_grpc.add_SysctlServicer_to_server(SysctlService(node.sysctl, admin_token), server)
+    control_pb2_grpc.add_ControlServiceServicer_to_server(ControlService(node, admin_token), server)
+    sysctl_pb2_grpc.add_SysctlServiceServicer_to_server(
+        SysctlService(node.sysctl, admin_token), server
+    )
+    # Health answers "" (the whole node) and each service by its full name; reflection
+    # serves v1 and v1alpha, with the .proto comments (pfsync/reflection.py).
+    services = (
+        control_pb2.DESCRIPTOR.services_by_name["ControlService"].full_name,
+        sysctl_pb2.DESCRIPTOR.services_by_name["SysctlService"].full_name,
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (
-            control_pb2.DESCRIPTOR.services_by_name["Control"].full_name,
-            sysctl_pb2.DESCRIPTOR.services_by_name["Sysctl"].full_name,
-            SYNC_SERVICE,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
+    enable_reflection(
+        server, (*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
     )
     if server.add_insecure_port(config.control) == 0:
         print(f"{PROG}: cannot listen on {config.control}", file=sys.stderr)
         return 1
     await server.start()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    for name in ("", *services):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("hostid %08x, control API on %s", config.hostid, config.control)
     try:
         driver, sync_server = await _start_sync(config, node, engine, health_servicer)

@@ -1,4 +1,4 @@
-"""The Sysctl gRPC service: the node's sysctl tree on the wire (thin adapter)."""
+"""The SysctlService gRPC service: the node's sysctl tree on the wire (thin adapter)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ _STATUS = {
     "read-only": grpc.StatusCode.FAILED_PRECONDITION,
 }
 _TYPES = {
-    Kind.INT: pb.SysctlNode.INT,
-    Kind.BOOL: pb.SysctlNode.BOOL,
-    Kind.STRING: pb.SysctlNode.STRING,
-    Kind.STRUCT: pb.SysctlNode.STRUCT,
+    Kind.INT: pb.SYSCTL_TYPE_INT,
+    Kind.BOOL: pb.SYSCTL_TYPE_BOOL,
+    Kind.STRING: pb.SYSCTL_TYPE_STRING,
+    Kind.STRUCT: pb.SYSCTL_TYPE_STRUCT,
 }
 MAX_NAME = 256
 
@@ -42,8 +42,8 @@ def node_to_pb(node: SysctlNode, value: Value, name: str | None = None) -> pb.Sy
     return msg
 
 
-class SysctlService(sysctl_pb2_grpc.SysctlServicer):
-    """Serves a node's sysctl tree; Set is an admin call."""
+class SysctlService(sysctl_pb2_grpc.SysctlServiceServicer):
+    """Serves a node's sysctl tree; SetSysctl is an admin call."""
 
     def __init__(self, tree: SysctlTree, admin_token: str | None = None) -> None:
         self.tree = tree
@@ -56,9 +56,9 @@ class SysctlService(sysctl_pb2_grpc.SysctlServicer):
         if len(name) > MAX_NAME or not name.isprintable():
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed sysctl name")
 
-    async def List(
-        self, request: pb.SysctlListRequest, context: grpc.aio.ServicerContext
-    ) -> pb.SysctlList:
+    async def ListSysctls(
+        self, request: pb.ListSysctlsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListSysctlsResponse:
         await self._check_name(request.prefix, context)
         try:
             nodes = self.tree.list(request.prefix)
@@ -68,23 +68,23 @@ class SysctlService(sysctl_pb2_grpc.SysctlServicer):
             except SysctlError:
                 await self._fail(context, exc)
                 raise
-            return pb.SysctlList(nodes=[node_to_pb(node, value)])
-        return pb.SysctlList(nodes=[node_to_pb(n, n.get()) for n in nodes])
+            return pb.ListSysctlsResponse(nodes=[node_to_pb(node, value)])
+        return pb.ListSysctlsResponse(nodes=[node_to_pb(n, n.get()) for n in nodes])
 
-    async def Get(
-        self, request: pb.SysctlGetRequest, context: grpc.aio.ServicerContext
-    ) -> pb.SysctlNode:
+    async def GetSysctl(
+        self, request: pb.GetSysctlRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetSysctlResponse:
         await self._check_name(request.name, context)
         try:
             node, value = self.tree.get(request.name)
         except SysctlError as exc:
             await self._fail(context, exc)
             raise
-        return node_to_pb(node, value)
+        return pb.GetSysctlResponse(node=node_to_pb(node, value))
 
-    async def Set(
-        self, request: pb.SysctlSetRequest, context: grpc.aio.ServicerContext
-    ) -> pb.SysctlSetReply:
+    async def SetSysctl(
+        self, request: pb.SetSysctlRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SetSysctlResponse:
         await require_admin(context, self.admin_token)
         await self._check_name(request.name, context)
         try:
@@ -93,4 +93,4 @@ class SysctlService(sysctl_pb2_grpc.SysctlServicer):
             await self._fail(context, exc)
             raise
         node = self.tree.node(request.name)
-        return pb.SysctlSetReply(node=node_to_pb(node, new), previous=node_to_pb(node, old))
+        return pb.SetSysctlResponse(node=node_to_pb(node, new), previous=node_to_pb(node, old))

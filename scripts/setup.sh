@@ -12,3 +12,17 @@ if ! .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
     cat "$log" >&2; rm -f "$log"; exit 1
 fi
 rm -f "$log"
+# Development tools from npm into ./node_modules (package.json, package-lock.json): buf, which
+# lints, formats and checks the .proto files for breaking changes, and the Node.js gRPC
+# packages of the API test client (tests/node_client/). Installs Node.js itself if missing.
+if ! command -v npm >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null
+fi
+if command -v npm >/dev/null 2>&1; then
+    # npm ci reinstalls everything; only run it when the lock file is newer than the install.
+    if [ ! -x node_modules/.bin/buf ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+        npm ci --no-audit --no-fund --loglevel=error >/dev/null
+    fi
+else
+    echo "setup: npm not available; buf checks and the Node.js API test will be skipped" >&2
+fi

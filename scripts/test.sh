@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run the house checks (lint, format) and the whole test suite (real-traffic tests need
+# Run the house checks (lint, format; Python with ruff, .proto with buf) and the whole test suite (real-traffic tests need
 # root: they capture on loopback and make network namespaces). Extra arguments go to
 # pytest, e.g. -m 'not slow'.
 set -euo pipefail
@@ -7,4 +7,10 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+if [ -x node_modules/.bin/buf ]; then
+    node_modules/.bin/buf lint
+    node_modules/.bin/buf format -d --exit-code
+else
+    echo "test: buf not installed (no npm): proto lint and format checks skipped" >&2
+fi
 exec .venv/bin/python -m pytest -q "$@"

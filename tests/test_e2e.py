@@ -137,15 +137,17 @@ def test_inject_kill_and_flush(node: str) -> None:
         eth(b"\x45\x00\x00\x30"),
     ]  # torn IPv4
     with grpc.insecure_channel(node) as channel:
-        stub = control_pb2_grpc.ControlStub(channel)
+        stub = control_pb2_grpc.ControlServiceStub(channel)
         reply = stub.Inject(pb.InjectRequest(frames=[pb.Frame(linktype=1, data=f) for f in frames]))
-    assert list(reply.verdicts) == [0, 0, 0, 1, 2]
+    assert list(reply.verdicts) == [pb.VERDICT_PASS] * 3 + [pb.VERDICT_BLOCK, pb.VERDICT_ERROR]
     assert (reply.passed, reply.blocked, reply.errors) == (3, 1, 1)
 
     states = json.loads(pfctl(node, "-s", "states", "--json").stdout)["states"]
     mine = [s for s in states if s["dst_port"] == 443]
-    assert len(mine) == 1 and mine[0]["src"]["state"] == 4 and mine[0]["dst"]["state"] == 4
-    killed = pfctl(node, "-k", "id", "-k", f"{int(mine[0]['id']):x}/{HOSTID}")
+    established = "TCP_PEER_STATE_ESTABLISHED"
+    assert len(mine) == 1
+    assert mine[0]["src"]["tcp_state"] == mine[0]["dst"]["tcp_state"] == established
+    killed = pfctl(node, "-k", "id", "-k", f"{mine[0]['id']}/{HOSTID}")
     assert killed.returncode == 0 and "killed 1 states" in killed.stderr
 
     by_host = pfctl(node, "-k", "::1")

@@ -8,7 +8,6 @@ real console script and an in-process fake node for usage errors, titles, kill a
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import socket
@@ -21,6 +20,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.duration_pb2 import Duration
 
 from pfsync.v1 import control_pb2 as pb
 from pfsync.v1 import control_pb2_grpc
@@ -35,45 +35,52 @@ from tools.pfctl_format import (
 
 PFCTL = Path(sys.executable).parent / "pfctl"
 
-ESTABLISHED, TIME_WAIT, SYN_SENT, CLOSED = 4, 10, 2, 0
-
-
-def ip(text: str) -> bytes:
-    return ipaddress.ip_address(text).packed
+ESTABLISHED = pb.TCP_PEER_STATE_ESTABLISHED
+TIME_WAIT = pb.TCP_PEER_STATE_TIME_WAIT
+SYN_SENT = pb.TCP_PEER_STATE_SYN_SENT
+CLOSED = pb.TCP_PEER_STATE_CLOSED
+NO_TRAFFIC, SINGLE, MULTIPLE = (
+    pb.UDP_PEER_STATE_NO_TRAFFIC,
+    pb.UDP_PEER_STATE_SINGLE,
+    pb.UDP_PEER_STATE_MULTIPLE,
+)
+IPV4, IPV6 = pb.ADDRESS_FAMILY_IPV4, pb.ADDRESS_FAMILY_IPV6
 
 
 def tcp_in_state() -> pb.State:
     """An inbound ssh connection: 192.0.2.20:51034 (client, src) to 192.0.2.10:22."""
     return pb.State(
-        id=0x5F3E000000000001,
-        creatorid=0x1234ABCD,
-        af=4,
+        id="5f3e000000000001",
+        creatorid="1234abcd",
+        af=IPV4,
         proto=6,
         ifname="all",
-        direction=pb.State.IN,
-        src_addr=ip("192.0.2.20"),
-        dst_addr=ip("192.0.2.10"),
+        direction=pb.DIRECTION_IN,
+        src_address="192.0.2.20",
+        dst_address="192.0.2.10",
         src_port=51034,
         dst_port=22,
         src=pb.PeerState(
-            state=ESTABLISHED,
+            tcp_state=ESTABLISHED,
             seqlo=3000000000,
             seqhi=3000064240,
-            wscale=0x87,
+            wscale_offered=True,
+            wscale=7,
             packets=10,
             bytes=1500,
         ),
         dst=pb.PeerState(
-            state=ESTABLISHED,
+            tcp_state=ESTABLISHED,
             seqlo=1234567,
             seqhi=1298823,
-            wscale=0x86,
+            wscale_offered=True,
+            wscale=6,
             packets=8,
             bytes=4000,
         ),
         timeout="tcp.established",
         age_seconds=3723,
-        expires_in=86398,
+        expires_in_seconds=86398,
         rule=0,
     )
 
@@ -106,29 +113,29 @@ def test_tcp_ipv6_outbound_seqdiff_wrap_and_one_sided_wscale() -> None:
     """OUT prints src -> dst; IPv6 ports in brackets; wscale needs both peers; the window
     wraps in 32-bit sequence space; seqdiff shows as (+N); no rule, no ", rule"."""
     state = pb.State(
-        id=1,
-        creatorid=2,
-        af=6,
+        id="0000000000000001",
+        creatorid="00000002",
+        af=IPV6,
         proto=6,
         ifname="all",
-        direction=pb.State.OUT,
-        src_addr=ip("2001:db8::1"),
-        dst_addr=ip("2001:db8::2"),
+        direction=pb.DIRECTION_OUT,
+        src_address="2001:db8::1",
+        dst_address="2001:db8::2",
         src_port=51000,
         dst_port=443,
         src=pb.PeerState(
-            state=SYN_SENT,
+            tcp_state=SYN_SENT,
             seqlo=4294967000,
             seqhi=500,
             seqdiff=77,
-            wscale=0x82,
+            wscale_offered=True,
+            wscale=2,
             packets=1,
             bytes=80,
         ),
-        dst=pb.PeerState(state=CLOSED),
+        dst=pb.PeerState(tcp_state=CLOSED),
         age_seconds=360000,
-        expires_in=29,
-        rule=0xFFFFFFFF,
+        expires_in_seconds=29,
     )
     assert format_state(state, verbose=2) == [
         "all tcp 2001:db8::1[51000] -> 2001:db8::2[443]       SYN_SENT:CLOSED",
@@ -140,23 +147,23 @@ def test_tcp_ipv6_outbound_seqdiff_wrap_and_one_sided_wscale() -> None:
 
 def test_udp_names_and_direction_swap() -> None:
     out = pb.State(
-        af=4,
+        af=IPV4,
         proto=17,
         ifname="all",
-        direction=pb.State.OUT,
-        src_addr=ip("192.0.2.1"),
-        dst_addr=ip("198.51.100.53"),
+        direction=pb.DIRECTION_OUT,
+        src_address="192.0.2.1",
+        dst_address="198.51.100.53",
         src_port=53000,
         dst_port=53,
-        src=pb.PeerState(state=2),
-        dst=pb.PeerState(state=1),
+        src=pb.PeerState(udp_state=MULTIPLE),
+        dst=pb.PeerState(udp_state=SINGLE),
     )
     assert format_state(out) == [
         "all udp 192.0.2.1:53000 -> 198.51.100.53:53       MULTIPLE:SINGLE"
     ]
     inbound = pb.State()
     inbound.CopyFrom(out)
-    inbound.direction = pb.State.IN
+    inbound.direction = pb.DIRECTION_IN
     assert format_state(inbound) == [
         "all udp 198.51.100.53:53 <- 192.0.2.1:53000       SINGLE:MULTIPLE"
     ]
@@ -164,18 +171,18 @@ def test_udp_names_and_direction_swap() -> None:
 
 def test_udp_verbose_has_no_sequence_line() -> None:
     state = pb.State(
-        af=4,
+        af=IPV4,
         proto=17,
         ifname="all",
-        direction=pb.State.OUT,
-        src_addr=ip("192.0.2.1"),
-        dst_addr=ip("192.0.2.2"),
+        direction=pb.DIRECTION_OUT,
+        src_address="192.0.2.1",
+        dst_address="192.0.2.2",
         src_port=1,
         dst_port=2,
-        src=pb.PeerState(state=1, packets=1, bytes=60),
-        dst=pb.PeerState(state=0),
+        src=pb.PeerState(udp_state=SINGLE, packets=1, bytes=60),
+        dst=pb.PeerState(udp_state=NO_TRAFFIC),
         age_seconds=5,
-        expires_in=25,
+        expires_in_seconds=25,
         rule=3,
     )
     assert format_state(state, verbose=1) == [
@@ -186,29 +193,29 @@ def test_udp_verbose_has_no_sequence_line() -> None:
 
 def test_icmp_states_are_numbers_and_echo_id_shows_on_both_sides() -> None:
     state = pb.State(
-        af=4,
+        af=IPV4,
         proto=1,
         ifname="all",
-        direction=pb.State.OUT,
-        src_addr=ip("192.0.2.1"),
-        dst_addr=ip("192.0.2.2"),
+        direction=pb.DIRECTION_OUT,
+        src_address="192.0.2.1",
+        dst_address="192.0.2.2",
         src_port=4242,
         dst_port=4242,
-        src=pb.PeerState(state=0),
-        dst=pb.PeerState(state=0),
+        src=pb.PeerState(icmp_state=pb.ICMP_PEER_STATE_NO_TRAFFIC),
+        dst=pb.PeerState(icmp_state=pb.ICMP_PEER_STATE_NO_TRAFFIC),
     )
     assert format_state(state) == ["all icmp 192.0.2.1:4242 -> 192.0.2.2:4242       0:0"]
     v6 = pb.State(
-        af=6,
+        af=IPV6,
         proto=58,
         ifname="all",
-        direction=pb.State.IN,
-        src_addr=ip("fe80::2"),
-        dst_addr=ip("fe80::1"),
+        direction=pb.DIRECTION_IN,
+        src_address="fe80::2",
+        dst_address="fe80::1",
         src_port=7,
         dst_port=7,
-        src=pb.PeerState(state=1),
-        dst=pb.PeerState(state=0),
+        src=pb.PeerState(icmp_state=pb.ICMP_PEER_STATE_SINGLE),
+        dst=pb.PeerState(icmp_state=pb.ICMP_PEER_STATE_NO_TRAFFIC),
     )
     assert format_state(v6) == ["all ipv6-icmp fe80::1[7] <- fe80::2[7]       0:1"]
 
@@ -216,64 +223,70 @@ def test_icmp_states_are_numbers_and_echo_id_shows_on_both_sides() -> None:
 def test_other_protocols_use_named_levels_and_no_ports() -> None:
     """pf_print_state.c names the levels of every protocol but ICMP (NO_TRAFFIC...)."""
     gre = pb.State(
-        af=4,
+        af=IPV4,
         proto=47,
         ifname="all",
-        direction=pb.State.OUT,
-        src_addr=ip("192.0.2.1"),
-        dst_addr=ip("192.0.2.2"),
-        src=pb.PeerState(state=1),
-        dst=pb.PeerState(state=0),
+        direction=pb.DIRECTION_OUT,
+        src_address="192.0.2.1",
+        dst_address="192.0.2.2",
+        src=pb.PeerState(udp_state=SINGLE),
+        dst=pb.PeerState(udp_state=NO_TRAFFIC),
     )
     assert format_state(gre) == ["all gre 192.0.2.1 -> 192.0.2.2       SINGLE:NO_TRAFFIC"]
     unknown = pb.State()
     unknown.CopyFrom(gre)
     unknown.proto = 253
-    unknown.src.state = 7  # beyond MULTIPLE: pf falls back to numbers
+    unknown.src.udp_state = 8  # pf's 7, beyond MULTIPLE: pf falls back to numbers
     assert format_state(unknown) == ["all 253 192.0.2.1 -> 192.0.2.2       7:0"]
 
 
 def test_vestigial_prints_like_time_wait() -> None:
     state = tcp_in_state()
     state.vestigial = True
-    state.src.state = state.dst.state = TIME_WAIT
+    state.src.tcp_state = state.dst.tcp_state = TIME_WAIT
     assert format_state(state)[0].endswith("       TIME_WAIT:TIME_WAIT")
 
 
 @pytest.mark.parametrize(
     ("levels", "column"),
-    [((11, 4), "PROXY:SRC"), ((4, 12), "PROXY:DST"), ((13, 4), "<BAD STATE LEVELS 4:13>")],
+    [
+        ((pb.TCP_PEER_STATE_PROXY_SRC, ESTABLISHED), "PROXY:SRC"),
+        ((ESTABLISHED, pb.TCP_PEER_STATE_PROXY_DST), "PROXY:DST"),
+        ((14, ESTABLISHED), "<BAD STATE LEVELS 4:13>"),  # a value this client does not know
+    ],
 )
 def test_tcp_levels_beyond_time_wait(levels: tuple[int, int], column: str) -> None:
     state = tcp_in_state()
-    state.src.state, state.dst.state = levels
+    state.src.tcp_state, state.dst.tcp_state = levels
     assert format_state(state)[0].endswith("       " + column)
 
 
-def test_mapped_ipv6_and_bad_address() -> None:
-    """inet_ntop writes IPv4-mapped addresses dotted; an address of the wrong size is '?'."""
+def test_mapped_ipv6_and_missing_address() -> None:
+    """The node's text is printed as sent (mapped IPv6 dotted); a missing address is '?'."""
     state = pb.State(
-        af=6,
+        af=IPV6,
         proto=17,
         ifname="all",
-        direction=pb.State.OUT,
-        src_addr=ip("::ffff:192.0.2.1"),
-        dst_addr=b"\x01\x02",
+        direction=pb.DIRECTION_OUT,
+        src_address="::ffff:192.0.2.1",
+        dst_address="",
         src_port=1,
         dst_port=2,
-        src=pb.PeerState(state=1),
-        dst=pb.PeerState(state=0),
+        src=pb.PeerState(udp_state=SINGLE),
+        dst=pb.PeerState(udp_state=NO_TRAFFIC),
     )
     assert format_state(state) == ["all udp ::ffff:192.0.2.1[1] -> ?[2]       SINGLE:NO_TRAFFIC"]
 
 
 def test_state_json_has_text_addresses() -> None:
     document = state_to_json(tcp_in_state())
-    assert document["src_addr"] == "192.0.2.20"
-    assert document["dst_addr"] == "192.0.2.10"
-    assert document["direction"] == "IN"
-    assert document["id"] == str(0x5F3E000000000001)  # proto3 JSON: 64-bit as string
+    assert document["src_address"] == "192.0.2.20"
+    assert document["dst_address"] == "192.0.2.10"
+    assert document["direction"] == "DIRECTION_IN"
+    assert document["id"] == "5f3e000000000001"  # text, as pfctl -vv prints it
     assert document["src"]["seqlo"] == 3000000000
+    assert document["src"]["tcp_state"] == "TCP_PEER_STATE_ESTABLISHED"
+    assert document["rule"] == 0
     json.dumps(document)
 
 
@@ -300,14 +313,14 @@ PFRES = [
 ]
 
 
-def sample_info(enabled_seconds: int) -> pb.Info:
+def sample_info(enabled_seconds: int) -> pb.GetInfoResponse:
     counters = [pb.Counter(name=name, value=0) for name in PFRES]
     counters[0].value = 23
     counters[10].value = 5
-    return pb.Info(
+    return pb.GetInfoResponse(
         running=True,
-        enabled_seconds=enabled_seconds,
-        hostid=0xDEADBEEF,
+        enabled_for=Duration(seconds=enabled_seconds),
+        hostid="deadbeef",
         debug="err",
         current_entries=4,
         half_open_tcp=1,
@@ -384,9 +397,11 @@ TIMEOUT_ROWS = [
 
 
 def test_timeouts() -> None:
-    timeouts = pb.Timeouts(
+    timeouts = pb.GetTimeoutsResponse(
         timeouts=[
-            pb.Timeout(name=name, seconds=value, unit="states" if "adaptive" in name else "s")
+            pb.Timeout(name=name, states=value)
+            if "adaptive" in name
+            else pb.Timeout(name=name, duration=Duration(seconds=value))
             for name, value in TIMEOUT_ROWS
         ]
     )
@@ -400,13 +415,13 @@ def test_timeouts() -> None:
 
 
 def test_memory() -> None:
-    memory = pb.Memory(
+    memory = pb.GetMemoryResponse(
         limits=[
             pb.Limit(name="states", hard_limit=100000),
             pb.Limit(name="src-nodes", hard_limit=10000),
             pb.Limit(name="frags", hard_limit=1536),
             pb.Limit(name="tables", hard_limit=1000),
-            pb.Limit(name="table-entries", hard_limit=0xFFFFFFFF),
+            pb.Limit(name="table-entries", unlimited=True),
         ]
     )
     assert format_memory(memory) == [
@@ -486,46 +501,50 @@ def test_node_from_environment() -> None:
 # --- pfctl against an in-process fake node ------------------------------------------------
 
 
-class FakeControl(control_pb2_grpc.ControlServicer):
+class FakeControl(control_pb2_grpc.ControlServiceServicer):
     """Canned answers; records what pfctl sent."""
 
     def __init__(self) -> None:
-        self.kills: list[pb.KillRequest] = []
+        self.kills: list[pb.KillStatesRequest] = []
         self.metadata: list[dict[str, str]] = []
         self.states = [tcp_in_state()]
 
-    def ListStates(self, request: pb.ListStatesRequest, context: Any) -> Iterator[pb.StatesChunk]:
+    def ListStates(
+        self, request: pb.ListStatesRequest, context: Any
+    ) -> Iterator[pb.ListStatesResponse]:
         self.metadata.append(dict(context.invocation_metadata()))
-        yield pb.StatesChunk(states=self.states)
+        yield pb.ListStatesResponse(states=self.states)
 
-    def GetInfo(self, request: pb.GetInfoRequest, context: Any) -> pb.Info:
+    def GetInfo(self, request: pb.GetInfoRequest, context: Any) -> pb.GetInfoResponse:
         return sample_info(100)
 
-    def GetTimeouts(self, request: pb.GetTimeoutsRequest, context: Any) -> pb.Timeouts:
-        return pb.Timeouts(timeouts=[pb.Timeout(name="tcp.first", seconds=120, unit="s")])
+    def GetTimeouts(self, request: pb.GetTimeoutsRequest, context: Any) -> pb.GetTimeoutsResponse:
+        return pb.GetTimeoutsResponse(
+            timeouts=[pb.Timeout(name="tcp.first", duration=Duration(seconds=120))]
+        )
 
-    def GetMemory(self, request: pb.GetMemoryRequest, context: Any) -> pb.Memory:
-        return pb.Memory(limits=[pb.Limit(name="states", hard_limit=100000)])
+    def GetMemory(self, request: pb.GetMemoryRequest, context: Any) -> pb.GetMemoryResponse:
+        return pb.GetMemoryResponse(limits=[pb.Limit(name="states", hard_limit=100000)])
 
-    def KillStates(self, request: pb.KillRequest, context: Any) -> pb.KillReply:
+    def KillStates(self, request: pb.KillStatesRequest, context: Any) -> pb.KillStatesResponse:
         self.kills.append(request)
         self.metadata.append(dict(context.invocation_metadata()))
-        return pb.KillReply(killed=1)
+        return pb.KillStatesResponse(killed=1)
 
-    def ClearStates(self, request: pb.ClearRequest, context: Any) -> pb.ClearReply:
-        return pb.ClearReply(cleared=3)
+    def ClearStates(self, request: pb.ClearStatesRequest, context: Any) -> pb.ClearStatesResponse:
+        return pb.ClearStatesResponse(cleared=3)
 
     def ClearCounters(
         self, request: pb.ClearCountersRequest, context: Any
-    ) -> pb.ClearCountersReply:
-        return pb.ClearCountersReply()
+    ) -> pb.ClearCountersResponse:
+        return pb.ClearCountersResponse()
 
 
 @pytest.fixture
 def fake_node(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeControl]:
     servicer = FakeControl()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    control_pb2_grpc.add_ControlServicer_to_server(servicer, server)
+    control_pb2_grpc.add_ControlServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     monkeypatch.setenv("PFSYNC_NODE", f"127.0.0.1:{port}")
@@ -565,18 +584,16 @@ def test_show_all_without_states_has_no_states_title(
 
 def test_kill_by_id(fake_node: FakeControl, capsys: pytest.CaptureFixture[str]) -> None:
     assert pfctl.main(["-k", "id", "-k", "5f3e000000000001/1234ABCD"]) == 0
-    assert fake_node.kills == [
-        pb.KillRequest(by_id=True, id=0x5F3E000000000001, creatorid=0x1234ABCD)
-    ]
+    assert fake_node.kills == [pb.KillStatesRequest(id="5f3e000000000001", creatorid="1234abcd")]
     assert capsys.readouterr().err == "killed 1 states\n"
 
 
 def test_kill_by_hosts(fake_node: FakeControl, capsys: pytest.CaptureFixture[str]) -> None:
     assert pfctl.main(["-k", "192.0.2.20", "-k", "192.0.2.0/24"]) == 0
     assert fake_node.kills == [
-        pb.KillRequest(
-            src=pb.HostMatch(addr=ip("192.0.2.20"), prefix_len=32),
-            dst=pb.HostMatch(addr=ip("192.0.2.0"), prefix_len=24),
+        pb.KillStatesRequest(
+            src=pb.AddressMatch(address="192.0.2.20"),
+            dst=pb.AddressMatch(address="192.0.2.0", prefix_len=24),
         )
     ]
     assert capsys.readouterr().err == "killed 1 states from 1 sources and 1 destinations\n"
@@ -606,9 +623,9 @@ def test_token_is_sent_as_bearer(
 def test_json_output(fake_node: FakeControl, capsys: pytest.CaptureFixture[str]) -> None:
     assert pfctl.main(["-s", "all", "--json", "-q", "-F", "states"]) == 0
     document = json.loads(capsys.readouterr().out)
-    assert [s["dst_addr"] for s in document["states"]] == ["192.0.2.10"]
+    assert [s["dst_address"] for s in document["states"]] == ["192.0.2.10"]
     assert document["info"]["current_entries"] == 4
     assert document["info"]["counters"][0] == {"name": "match", "value": "23"}
-    assert document["timeouts"] == [{"name": "tcp.first", "seconds": 120, "unit": "s"}]
-    assert document["memory"] == [{"name": "states", "hard_limit": 100000}]
+    assert document["timeouts"] == [{"name": "tcp.first", "duration": "120s"}]
+    assert document["memory"] == [{"name": "states", "unlimited": False, "hard_limit": 100000}]
     assert document["flushed"] == {"states": 3}

@@ -30,7 +30,7 @@ def test_generated_code_matches_the_protos(tmp_path: Path) -> None:
 
 
 def test_generator_runs_as_a_module(tmp_path: Path) -> None:
-    """`python -m pfsync._protogen --out DIR` writes three files per .proto."""
+    """`python -m pfsync._protogen --out DIR` writes three files per .proto and the set."""
     result = subprocess.run(
         [sys.executable, "-m", "pfsync._protogen", "--out", str(tmp_path)],
         capture_output=True,
@@ -41,9 +41,12 @@ def test_generator_runs_as_a_module(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     names = sorted(path.name for path in (tmp_path / _protogen.PACKAGE_DIR).iterdir())
     expected = sorted(
-        proto.stem + suffix
-        for proto in _protogen.proto_files()
-        for suffix in _protogen.GENERATED_SUFFIXES
+        [
+            proto.stem + suffix
+            for proto in _protogen.proto_files()
+            for suffix in _protogen.GENERATED_SUFFIXES
+        ]
+        + ["descriptors.binpb"]
     )
     assert "sync_pb2_grpc.py" in expected and "control_pb2.py" in expected
     assert names == expected
@@ -61,8 +64,8 @@ def test_imported_modules_are_the_generated_ones() -> None:
 
 
 def test_control_service_shape() -> None:
-    """The Control service offers the calls the tools and daemon rely on."""
-    service = control_pb2.DESCRIPTOR.services_by_name["Control"]
+    """The ControlService offers the calls the tools and daemon rely on."""
+    service = control_pb2.DESCRIPTOR.services_by_name["ControlService"]
     methods = {method.name: method for method in service.methods}
     assert set(methods) >= {
         "ListStates",
@@ -77,10 +80,11 @@ def test_control_service_shape() -> None:
     assert methods["ListStates"].server_streaming
     assert not methods["GetInfo"].server_streaming
     assert control_pb2.DESCRIPTOR.package == "pfsync.v1"
-    assert control_pb2.State.IN == 1 and control_pb2.State.OUT == 2
+    assert control_pb2.DIRECTION_IN == 1 and control_pb2.DIRECTION_OUT == 2
 
 
 def test_inject_verdicts_are_packed() -> None:
     """Per-frame verdicts cost about a byte each on the wire (packed repeated)."""
-    reply = control_pb2.InjectReply(verdicts=[0, 1, 2] * 100)
+    verdicts = [control_pb2.VERDICT_PASS, control_pb2.VERDICT_BLOCK, control_pb2.VERDICT_ERROR]
+    reply = control_pb2.InjectResponse(verdicts=verdicts * 100)
     assert len(reply.SerializeToString()) < 310

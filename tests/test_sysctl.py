@@ -154,7 +154,7 @@ def closed_connection(client: str, cport: int) -> list[bytes]:
 
 def inject(addr: str, frames: list[bytes]) -> list[int]:
     with grpc.insecure_channel(addr) as channel:
-        stub = control_pb2_grpc.ControlStub(channel)
+        stub = control_pb2_grpc.ControlServiceStub(channel)
         reply = stub.Inject(
             cpb.InjectRequest(frames=[cpb.Frame(linktype=1, data=f) for f in frames])
         )
@@ -176,7 +176,7 @@ def test_start_up_sysctls_from_file_and_flags(node_with_config: str) -> None:
 def test_vtw_toggle_at_run_time_loses_no_connection(node_with_config: str) -> None:
     addr = node_with_config
     frames = [f for i in range(20) for f in closed_connection(f"203.0.113.{i + 1}", 40000 + i)]
-    assert inject(addr, frames) == [0] * len(frames)
+    assert inject(addr, frames) == [cpb.VERDICT_PASS] * len(frames)
 
     def rows() -> list[dict]:
         out = pfctl(addr, "-s", "states", "--json")
@@ -194,7 +194,7 @@ def test_vtw_toggle_at_run_time_loses_no_connection(node_with_config: str) -> No
     assert out.returncode == 0 and out.stdout == "net.inet.tcp.vtw.enable: 1 -> 0\n"
     full = rows()
     assert len(full) == 20 and not any(s.get("vestigial") for s in full)
-    key = ("id", "src_addr", "src_port", "dst_port")
+    key = ("id", "src_address", "src_port", "dst_port")
     assert sorted(tuple(s[k] for k in key) for s in full) == sorted(
         tuple(s[k] for k in key) for s in before
     )
@@ -205,7 +205,7 @@ def test_vtw_toggle_at_run_time_loses_no_connection(node_with_config: str) -> No
     # A late retransmitted FIN from a client still passes, a new SYN reopens.
     fin = closed_connection("203.0.113.1", 40000)[3]
     syn = tcp("203.0.113.1", "198.51.100.7", 40000, 80, SYN, 5000, 0, 64240)
-    assert inject(addr, [fin, syn]) == [0, 0]
+    assert inject(addr, [fin, syn]) == [cpb.VERDICT_PASS] * 2
     assert len([s for s in rows() if not s.get("vestigial")]) == 1
 
     # pfctl -k and -F reach records too.
@@ -251,8 +251,8 @@ def test_all_lists_every_node_and_json_is_typed(node_with_config: str) -> None:
         ).stdout
     )
     assert [(n["type"], n.get("flag"), n.get("integer")) for n in doc["nodes"]] == [
-        ("BOOL", True, None),
-        ("INT", None, "1024"),
+        ("SYSCTL_TYPE_BOOL", True, None),
+        ("SYSCTL_TYPE_INT", None, "1024"),
     ]
 
 
@@ -282,21 +282,27 @@ def test_bad_start_up_settings_exit_2(args: list[str], message: str) -> None:
 async def test_sysctl_service_over_grpc(node_with_config: str) -> None:
     """Programs use the same API: typed values, NOT_FOUND / INVALID_ARGUMENT codes."""
     async with grpc.aio.insecure_channel(node_with_config) as channel:
-        stub = sysctl_pb2_grpc.SysctlStub(channel)
-        node = await stub.Get(sysctl_pb2.SysctlGetRequest(name="net.inet.tcp.mslt.remote"))
+        stub = sysctl_pb2_grpc.SysctlServiceStub(channel)
+        reply = await stub.GetSysctl(sysctl_pb2.GetSysctlRequest(name="net.inet.tcp.mslt.remote"))
+        node = reply.node
         assert node.integer == 900 and node.writable
-        reply = await stub.Set(
-            sysctl_pb2.SysctlSetRequest(name="net.inet.tcp.mslt.remote", value="45")
+        changed = await stub.SetSysctl(
+            sysctl_pb2.SetSysctlRequest(name="net.inet.tcp.mslt.remote", value="45")
         )
-        assert (reply.previous.integer, reply.node.integer) == (900, 45)
+        assert (changed.previous.integer, changed.node.integer) == (900, 45)
         for call, code in [
             (
-                stub.Get(sysctl_pb2.SysctlGetRequest(name="x" * 300)),
+                stub.GetSysctl(sysctl_pb2.GetSysctlRequest(name="x" * 300)),
                 grpc.StatusCode.INVALID_ARGUMENT,
             ),
-            (stub.Get(sysctl_pb2.SysctlGetRequest(name="net.none")), grpc.StatusCode.NOT_FOUND),
             (
-                stub.Set(sysctl_pb2.SysctlSetRequest(name="net.inet.tcp.vtw.stats", value="1")),
+                stub.GetSysctl(sysctl_pb2.GetSysctlRequest(name="net.none")),
+                grpc.StatusCode.NOT_FOUND,
+            ),
+            (
+                stub.SetSysctl(
+                    sysctl_pb2.SetSysctlRequest(name="net.inet.tcp.vtw.stats", value="1")
+                ),
                 grpc.StatusCode.FAILED_PRECONDITION,
             ),
         ]:

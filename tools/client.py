@@ -150,8 +150,8 @@ class Node:
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {target.token}"),) if target.token else ()
         )
-        self.control = control_pb2_grpc.ControlStub(self._channel)
-        self.sysctl = sysctl_pb2_grpc.SysctlStub(self._channel)
+        self.control = control_pb2_grpc.ControlServiceStub(self._channel)
+        self.sysctl = sysctl_pb2_grpc.SysctlServiceStub(self._channel)
 
     def __enter__(self) -> Node:
         return self
@@ -227,8 +227,8 @@ def message_to_dict(message: Message) -> dict[str, Any]:
 
     Field names stay as in the .proto (``current_entries``, not ``currentEntries``) and
     zero values are included, so every key is always present. Otherwise this is proto3's
-    JSON mapping: 64-bit integers are decimal strings (state ids exceed what a JSON
-    double holds exactly), bytes are base64, enums are their names.
+    JSON mapping: 64-bit integers are decimal strings (counters may exceed what a JSON
+    double holds exactly), enums are their names, durations are "120s".
     """
     return json_format.MessageToDict(
         message,

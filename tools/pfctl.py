@@ -61,13 +61,18 @@ class KillById:
     id: int
     creatorid: int
 
+    def request(self) -> pb.KillStatesRequest:
+        """The KillStates request: ids travel as hex text, which no client can round."""
+        creatorid = f"{self.creatorid:08x}" if self.creatorid else ""
+        return pb.KillStatesRequest(id=f"{self.id:016x}", creatorid=creatorid)
+
 
 @dataclass(frozen=True)
 class KillByHost:
     """``-k host [-k host]``: states from any src address to any dst address (None: any)."""
 
-    sources: list[pb.HostMatch]
-    destinations: list[pb.HostMatch] | None
+    sources: list[pb.AddressMatch]
+    destinations: list[pb.AddressMatch] | None
 
 
 def lookup_option(word: str, choices: Sequence[str], what: str) -> str:
@@ -94,7 +99,7 @@ def parse_state_id(text: str) -> KillById:
     return KillById(state_id, creatorid)
 
 
-def resolve_hosts(spec: str) -> list[pb.HostMatch]:
+def resolve_hosts(spec: str) -> list[pb.AddressMatch]:
     """Resolve ``host`` or ``address/prefix`` into the addresses to match (pfctl_addrprefix).
 
     A name may resolve to several addresses, of both families; each becomes one match.
@@ -115,18 +120,23 @@ def resolve_hosts(spec: str) -> list[pb.HostMatch]:
         prefix_len = int(prefix_text)
         if prefix_len > limit:
             raise UsageError(f"prefix is too large: {prefix_text}")
-    matches: list[pb.HostMatch] = []
-    seen: set[bytes] = set()
+    matches: list[pb.AddressMatch] = []
+    seen: set[str] = set()
     for family, _type, _proto, _name, sockaddr in infos:
         if family not in (socket.AF_INET, socket.AF_INET6):
             continue
         # Drop an IPv6 zone ("fe80::1%em0"): states carry bare addresses.
-        addr = socket.inet_pton(family, str(sockaddr[0]).partition("%")[0])
+        # inet_ntop(inet_pton()) gives one spelling per address, so duplicates collapse.
+        addr = socket.inet_ntop(
+            family, socket.inet_pton(family, str(sockaddr[0]).partition("%")[0])
+        )
         if addr in seen:
             continue
         seen.add(addr)
-        bits = len(addr) * 8 if prefix_len is None else prefix_len
-        matches.append(pb.HostMatch(addr=addr, prefix_len=bits))
+        match = pb.AddressMatch(address=addr)
+        if prefix_len is not None:
+            match.prefix_len = prefix_len
+        matches.append(match)
     return matches
 
 
@@ -254,7 +264,7 @@ def _flush(node: Node, what: str, say: _Say, document: dict[str, Any] | None) ->
     """Clear states and/or counters (``-F``), states first as ``pfctl -F all`` does."""
     flushed: dict[str, Any] = {}
     if what in ("states", "all"):
-        cleared = node.call(node.control.ClearStates, pb.ClearRequest()).cleared
+        cleared = node.call(node.control.ClearStates, pb.ClearStatesRequest()).cleared
         say(f"{cleared} states cleared")
         flushed["states"] = cleared
     if what in ("info", "all"):
@@ -270,8 +280,7 @@ def _kill(
 ) -> None:
     """Kill states (``-k``) and report the counts as pfctl does."""
     if isinstance(target, KillById):
-        request = pb.KillRequest(by_id=True, id=target.id, creatorid=target.creatorid)
-        killed = node.call(node.control.KillStates, request).killed
+        killed = node.call(node.control.KillStates, target.request()).killed
         say(f"killed {killed} states")
         if document is not None:
             document["killed"] = {"states": killed}
@@ -280,16 +289,16 @@ def _kill(
     for src in target.sources:
         sources += 1
         if target.destinations is None:
-            killed += node.call(node.control.KillStates, pb.KillRequest(src=src)).killed
+            killed += node.call(node.control.KillStates, pb.KillStatesRequest(src=src)).killed
             continue
         # pfctl restarts the destination count for every source, so the message shows
         # the count of the last source; kept for the same output.
         destinations = 0
         for dst in target.destinations:
-            if len(dst.addr) != len(src.addr):
+            if (":" in dst.address) != (":" in src.address):  # another address family
                 continue
             destinations += 1
-            request = pb.KillRequest(src=src, dst=dst)
+            request = pb.KillStatesRequest(src=src, dst=dst)
             killed += node.call(node.control.KillStates, request).killed
     say(f"killed {killed} states from {sources} sources and {destinations} destinations")
     if document is not None:

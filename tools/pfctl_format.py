@@ -14,7 +14,6 @@ column) and are kept, so scripts that compare with pfctl see the same bytes.
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 from pfsync.v1 import control_pb2 as pb
@@ -65,30 +64,35 @@ PROTOCOL_NAMES = {
     240: "pfsync",
 }
 
-#: pf's ``(u_int32_t)-1``: no rule (State.rule) or no limit (Limit.hard_limit).
-UINT32_NONE = 0xFFFFFFFF
-#: Low bits of PeerState.wscale that hold the shift (PF_WSCALE_MASK).
-WSCALE_MASK = 0x0F
+
+def format_address(address: str) -> str:
+    """Return an address as the node wrote it (inet_ntop's form), or ``?`` when it has none,
+    as pfctl prints when inet_ntop fails."""
+    return address or "?"
 
 
-def format_address(addr: bytes, af: int) -> str:
-    """Return an address as inet_ntop writes it, or ``?`` as pfctl prints on failure.
-
-    ``socket.inet_ntop`` is used rather than ``ipaddress`` because it, like OpenBSD's,
-    writes IPv4-mapped addresses as ``::ffff:192.0.2.1``.
-    """
-    family = {4: (socket.AF_INET, 4), 6: (socket.AF_INET6, 16)}.get(af)
-    if family is None or len(addr) != family[1]:
-        return "?"
-    return socket.inet_ntop(family[0], addr)
-
-
-def format_host(addr: bytes, port: int, af: int) -> str:
+def format_host(address: str, port: int, af: int) -> str:
     """Return ``addr:port`` (IPv4) or ``addr[port]`` (IPv6); no port when it is 0."""
-    text = format_address(addr, af)
+    text = format_address(address)
     if not port:
         return text
-    return f"{text}:{port}" if af == 4 else f"{text}[{port}]"
+    return f"{text}[{port}]" if af == pb.ADDRESS_FAMILY_IPV6 else f"{text}:{port}"
+
+
+def _level(peer: pb.PeerState, proto: int) -> int:
+    """pf's number for a peer's level: the wire enums count from 1 (0 is "unset").
+
+    The enum member read follows the state's protocol, as pf's meaning of the number does;
+    an unset level reads as pf's 0.
+    """
+    value: int
+    if proto == IPPROTO_TCP:
+        value = peer.tcp_state
+    elif proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
+        value = peer.icmp_state
+    else:
+        value = peer.udp_state
+    return max(value - 1, 0)
 
 
 def format_seq(peer: pb.PeerState) -> str:
@@ -108,7 +112,7 @@ def _hms(seconds: int) -> str:
 
 def _peer_states(proto: int, first: pb.PeerState, second: pb.PeerState) -> str:
     """The ``A:B`` state column, named per protocol as print_state names it."""
-    a, b = first.state, second.state
+    a, b = _level(first, proto), _level(second, proto)
     if proto == IPPROTO_TCP:
         if a < len(TCP_STATE_NAMES) and b < len(TCP_STATE_NAMES):
             return f"{TCP_STATE_NAMES[a]}:{TCP_STATE_NAMES[b]}"
@@ -134,14 +138,14 @@ def format_state(state: pb.State, verbose: int = 0) -> list[str]:
     src:dst order. Vestigial (VTW) records already carry TIME_WAIT peers and print
     like any TCP state.
     """
-    if state.direction == pb.State.OUT:
-        first = format_host(state.src_addr, state.src_port, state.af)
-        second = format_host(state.dst_addr, state.dst_port, state.af)
+    if state.direction == pb.DIRECTION_OUT:
+        first = format_host(state.src_address, state.src_port, state.af)
+        second = format_host(state.dst_address, state.dst_port, state.af)
         arrow, peer1, peer2 = "->", state.src, state.dst
     else:
         # pf takes every direction but OUT down this branch, so do we.
-        first = format_host(state.dst_addr, state.dst_port, state.af)
-        second = format_host(state.src_addr, state.src_port, state.af)
+        first = format_host(state.dst_address, state.dst_port, state.af)
+        second = format_host(state.src_address, state.src_port, state.af)
         arrow, peer1, peer2 = "<-", state.dst, state.src
     proto = PROTOCOL_NAMES.get(state.proto, str(state.proto))
     # "    " after the hosts, then "   " before the states: pf prints them separately.
@@ -151,24 +155,25 @@ def format_state(state: pb.State, verbose: int = 0) -> list[str]:
     ]
     if verbose and state.proto == IPPROTO_TCP:
         # wscale is shown only when both sides offered it (pf keeps it 0 otherwise).
-        both_scale = bool(peer1.wscale and peer2.wscale)
+        both_scale = peer1.wscale_offered and peer2.wscale_offered
         seq1 = format_seq(peer1)
         seq2 = format_seq(peer2)
         if both_scale:
-            seq1 += f" wscale {peer1.wscale & WSCALE_MASK}"
-            seq2 += f" wscale {peer2.wscale & WSCALE_MASK}"
+            seq1 += f" wscale {peer1.wscale}"
+            seq2 += f" wscale {peer2.wscale}"
         lines.append(f"   {seq1}  {seq2}")
     if verbose:
         line = (
-            f"   age {_hms(state.age_seconds)}, expires in {_hms(state.expires_in)}, "
+            f"   age {_hms(state.age_seconds)}, expires in {_hms(state.expires_in_seconds)}, "
             f"{state.src.packets}:{state.dst.packets} pkts, "
             f"{state.src.bytes}:{state.dst.bytes} bytes"
         )
-        if state.rule != UINT32_NONE:
+        if state.HasField("rule"):
             line += f", rule {state.rule}"
         lines.append(line)
     if verbose >= 2:
-        lines.append(f"   id: {state.id:016x} creatorid: {state.creatorid:08x}")
+        # The node sends %016x / %08x already; zfill keeps pf's widths for shorter text.
+        lines.append(f"   id: {state.id.zfill(16)} creatorid: {state.creatorid.zfill(8)}")
     return lines
 
 
@@ -178,13 +183,13 @@ def _counter_row(name: str, value: int, runtime: int) -> str:
     return f"  {name:<25s} {value:14d} {rate}"
 
 
-def format_info(info: pb.Info, verbose: int = 0) -> list[str]:
+def format_info(info: pb.GetInfoResponse, verbose: int = 0) -> list[str]:
     """Return the lines ``pfctl -s info`` prints (with ``-v``, also the hostid).
 
     pf's -v sections this node has no data for (ruleset checksum, source tracking,
     fragments, limit counters, syncookie watermarks) are not printed.
     """
-    runtime = info.enabled_seconds
+    runtime = info.enabled_for.seconds
     status = "Enabled" if info.running else "Disabled"
     if runtime:
         minutes, sec = divmod(runtime, 60)
@@ -195,7 +200,7 @@ def format_info(info: pb.Info, verbose: int = 0) -> list[str]:
         statline = f"Status: {status}"
     lines = [f"{statline:<44s}{'Debug: ' + info.debug:>15s}", ""]
     if verbose:
-        lines += [f"Hostid:   0x{info.hostid:08x}", ""]
+        lines += [f"Hostid:   0x{info.hostid.zfill(8)}", ""]
     lines.append(f"{'State Table':<27s} {'Total':>14s} {'Rate':>16s}")
     # Gauges have no rate: pf prints an empty %14s column, trailing blanks included.
     lines.append(f"  {'current entries':<25s} {info.current_entries:14d} {'':14s}")
@@ -211,26 +216,25 @@ def format_info(info: pb.Info, verbose: int = 0) -> list[str]:
     return lines
 
 
-def format_timeouts(timeouts: pb.Timeouts) -> list[str]:
+def format_timeouts(timeouts: pb.GetTimeoutsResponse) -> list[str]:
     """Return the lines ``pfctl -s timeouts`` prints, in the node's (pf's) order."""
     return [
-        f"{t.name:<20s} {t.seconds:10d}" + ("s" if t.unit == "s" else f" {t.unit}")
+        f"{t.name:<20s} {t.states:10d} states"
+        if t.WhichOneof("value") == "states"
+        else f"{t.name:<20s} {t.duration.seconds:10d}s"
         for t in timeouts.timeouts
     ]
 
 
-def format_memory(memory: pb.Memory) -> list[str]:
+def format_memory(memory: pb.GetMemoryResponse) -> list[str]:
     """Return the lines ``pfctl -s memory`` prints: one hard limit per pool."""
     return [
         f"{limit.name:<13s} "
-        + ("unlimited" if limit.hard_limit == UINT32_NONE else f"hard limit {limit.hard_limit:8d}")
+        + ("unlimited" if limit.unlimited else f"hard limit {limit.hard_limit:8d}")
         for limit in memory.limits
     ]
 
 
 def state_to_json(state: pb.State) -> dict[str, Any]:
-    """Return a state as a JSON-ready dict, with addresses as text rather than base64."""
-    document = message_to_dict(state)
-    document["src_addr"] = format_address(state.src_addr, state.af)
-    document["dst_addr"] = format_address(state.dst_addr, state.af)
-    return document
+    """Return a state as a JSON-ready dict (proto3 JSON; addresses and ids are text)."""
+    return message_to_dict(state)

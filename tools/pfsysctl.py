@@ -90,7 +90,9 @@ def _run(argv: Sequence[str] | None) -> int:
         if args.w:
             for item in args.names:
                 name, _, value = item.partition("=")
-                reply = node.call(node.sysctl.Set, pb.SysctlSetRequest(name=name, value=value))
+                reply = node.call(
+                    node.sysctl.SetSysctl, pb.SetSysctlRequest(name=name, value=value)
+                )
                 document.append(message_to_dict(reply))
                 lines.append(
                     _value_text(reply.node)
@@ -99,7 +101,7 @@ def _run(argv: Sequence[str] | None) -> int:
                 )
         else:
             for prefix in [""] if args.a else args.names:
-                listing = node.call(node.sysctl.List, pb.SysctlListRequest(prefix=prefix))
+                listing = node.call(node.sysctl.ListSysctls, pb.ListSysctlsRequest(prefix=prefix))
                 for found in listing.nodes:
                     document.append(message_to_dict(found))
                     lines += node_lines(found, args.n, args.d)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from pfsync.v1 import control_pb2
 from pfsync.v1 import sync_pb2 as pb
 from statetable import keys
 from statetable import timeouts as tmo
@@ -24,7 +25,7 @@ from statetable.mslt import FLAG_SHIFT as MSLT_SHIFT
 from statetable.state import FLAG_OUT, MULTIPLE, PACKET, TIME_WAIT, U16, Peer, State
 
 # Wire direction values (pb.Direction).
-_IN, _OUT = pb.DIRECTION_IN, pb.DIRECTION_OUT
+_IN, _OUT = control_pb2.DIRECTION_IN, control_pb2.DIRECTION_OUT
 _U32 = 0xFFFFFFFF
 _MAX_CLASS = pb.MSL_CLASS_LOOPBACK
 # wscale on the wire: the shift and a flag; in a Peer: pf's 0x80 | shift.
@@ -62,7 +63,7 @@ def expire_from_wire(timeout: int, left_ms: int, timeouts: Sequence[int], now: f
 
 def put_peers(cols: pb.PeerColumns, peers: list[Peer], counters: bool) -> None:
     """Append one side of each state to ``cols``."""
-    cols.state.extend([p.state for p in peers])
+    cols.state.extend([p.state + 1 for p in peers])  # control.proto's enum numbers
     cols.seqlo.extend([p.seqlo for p in peers])
     cols.seqhi.extend([p.seqhi for p in peers])
     cols.max_win.extend([p.max_win for p in peers])
@@ -135,7 +136,7 @@ class PeerColumn:
 
 
 def _read_peers(cols: pb.PeerColumns, n: int, counters: bool) -> PeerColumn:
-    state = list(cols.state)
+    state = [s - 1 for s in cols.state]  # back from control.proto's enum numbers
     seqlo, seqhi, max_win = list(cols.seqlo), list(cols.seqhi), list(cols.max_win)
     shift, seen = list(cols.wscale), list(cols.wscale_seen)
     if counters:
@@ -163,13 +164,14 @@ def _check_common(
     if any(t >= tmo.PFTM_MAX and t != tmo.TIME_WAIT for t in timeout):
         raise FrameError("badval", "unknown timeout")
     if proto is None:
+        low = min(min(src.state), min(dst.state))
         top = max(max(src.state), max(dst.state))
-        if top > TIME_WAIT:
+        if low < 0 or top > TIME_WAIT:
             raise FrameError("badval", "peer state out of range")
         return
     for i in range(n):
         last = TIME_WAIT if proto[i] == 6 else MULTIPLE
-        if src.state[i] > last or dst.state[i] > last:
+        if not (0 <= src.state[i] <= last and 0 <= dst.state[i] <= last):
             raise FrameError("badval", "peer state out of range")
 
 
