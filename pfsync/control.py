@@ -15,6 +15,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from pfsync.admin import require_admin
 from pfsync.node import MALFORMED, Node
+from pfsync.sync.engine import PeerLink
 from pfsync.v1 import control_pb2 as pb
 from pfsync.v1 import control_pb2_grpc
 from statetable import keys
@@ -316,6 +317,8 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
         node = self.node
         feed, now = node.feed, node.clock()
         verdicts = [feed(f.data, f.linktype, now) for f in request.frames]
+        # pfsync deferral holds the reply until peers acknowledged the new states.
+        await node.settle()
         blocked, errors = verdicts.count(BLOCK), verdicts.count(MALFORMED)
         return pb.InjectResponse(
             passed=len(verdicts) - blocked - errors,
@@ -370,7 +373,9 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
         self, request: pb.ClearStatesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClearStatesResponse:
         await self._require_admin(context)
-        return pb.ClearStatesResponse(cleared=self.node.table.clear())
+        cleared = self.node.table.clear()
+        await self.node.settle()
+        return pb.ClearStatesResponse(cleared=cleared)
 
     async def ClearCounters(
         self, request: pb.ClearCountersRequest, context: grpc.aio.ServicerContext
@@ -378,3 +383,65 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
         await self._require_admin(context)
         self.node.clear_counters()
         return pb.ClearCountersResponse()
+
+    async def GetSyncStatus(
+        self, request: pb.GetSyncStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetSyncStatusResponse:
+        driver = self.node.sync
+        if driver is None:
+            return pb.GetSyncStatusResponse(
+                enabled=False,
+                ready=True,
+                ready_reason="pfsync is off",
+                hostid=f"{self.node.hostid:08x}",
+            )
+        engine = driver.engine
+        settings = engine.settings
+        return pb.GetSyncStatusResponse(
+            enabled=True,
+            ready=engine.ready,
+            ready_reason=engine.ready_reason(),
+            hostid=f"{self.node.hostid:08x}",
+            listen_address=driver.listen_address,
+            maxupd=settings.maxupd,
+            flush_interval=_duration(settings.flush_ms / 1000),
+            defer=settings.defer,
+            digest=f"{engine.digest.value:016x}",
+            digest_states=engine.digest.states,
+            peers=[_sync_peer(link) for link in sorted(engine.peers.values(), key=_peer_order)],
+        )
+
+
+def _peer_order(link: PeerLink) -> tuple[bool, str]:
+    return (not link.configured, link.name)
+
+
+def _duration(seconds: float) -> Duration:
+    d = Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+def _sync_peer(link: PeerLink) -> pb.SyncPeer:
+    """One peer stream as GetSyncStatus shows it."""
+    peer = pb.SyncPeer(
+        address=link.name.removeprefix("in:"),
+        inbound=not link.configured,
+        connected=link.connected and link.creatorid is not None,
+        creatorid="" if link.creatorid is None else f"{link.creatorid:08x}",
+        bulk="receiving" if link.bulk_in else "sending" if link.bulk_out is not None else "",
+        frames_in=link.frames_in,
+        frames_out=link.frames_out,
+        bytes_in=link.bytes_in,
+        bytes_out=link.bytes_out,
+        states_in=link.states_in,
+        states_out=link.states_out,
+        last_error=link.last_error,
+        peer_digest="" if link.peer_digest is None else f"{link.peer_digest:016x}",
+        digest_agrees=link.digest_agrees,
+    )
+    p50, p99 = link.lag_percentile(0.5), link.lag_percentile(0.99)
+    if p50 is not None and p99 is not None:
+        peer.lag_p50.CopyFrom(_duration(min(p50, 1e6) / 1000))
+        peer.lag_p99.CopyFrom(_duration(min(p99, 1e6) / 1000))
+    return peer

@@ -297,6 +297,7 @@ async def _start_sync(
         tls=tls,
         allow=config.peer_allow,
         on_ready=ready,
+        listen_address=config.sync_listen,
     )
     node.add_consumer(driver.consume)
     node.sync = driver

@@ -114,6 +114,13 @@ class Node:
         self.table.block_malformed(pkt)
         return MALFORMED
 
+    async def settle(self) -> None:
+        """After an API call changed the table: hand its changes out now and, with pfsync
+        deferral on, wait until peers acknowledged the new states (at most 20 ms)."""
+        self.publish_changes()
+        if self.sync is not None:
+            await self.sync.release_deferred()
+
     def decoder_counters(self) -> list[tuple[str, int]]:
         """Frames the decoder kept from the table, by reason."""
         return [("non-ip", self.non_ip)]

@@ -47,9 +47,15 @@ class Origin(enum.IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class StateInserted:
-    """A new state entered the table."""
+    """A new state entered the table, its peers then at ``src_state``/``dst_state``.
+
+    Events carry the peer states they saw because the State object keeps changing after
+    the event was recorded, and a consumer may read the list later (the digest needs
+    what was true at each step)."""
 
     state: State
+    src_state: int
+    dst_state: int
     origin: Origin = Origin.LOCAL
 
 
@@ -57,13 +63,15 @@ class StateInserted:
 class StateUpdated:
     """A state's peer states changed (a transition), or a peer's update was applied.
 
-    ``old_src``/``old_dst`` are the peer states before the change (equal to the current
-    ones when only windows, timeout or expiry moved).
+    ``old_src``/``old_dst`` are the peer states before the change and ``new_src``/
+    ``new_dst`` after it (all equal when only windows, timeout or expiry moved).
     """
 
     state: State
     old_src: int
     old_dst: int
+    new_src: int
+    new_dst: int
     origin: Origin = Origin.LOCAL
 
 

@@ -215,7 +215,7 @@ class StateTable:
                 if st.state == old_src and st.dst.state == old_dst:
                     self._changes.append(st)
                 else:
-                    self._changes.append(StateUpdated(st, old_src, old_dst))
+                    self._changes.append(StateUpdated(st, old_src, old_dst, st.state, st.dst.state))
             self.passed += 1
             return PASS
         if (proto == IPPROTO_ICMP or proto == IPPROTO_ICMPV6) and opt is not None:
@@ -244,7 +244,9 @@ class StateTable:
         st.timeout = tmo.TIME_WAIT
         st.expire = expire
         if self._changes is not None:
-            self._changes.append(StateUpdated(st, old_src, old_dst, self._origin))
+            self._changes.append(
+                StateUpdated(st, old_src, old_dst, st.state, st.dst.state, self._origin)
+            )
 
     def _time_wait_segment(self, st: State, fwd: bool, pkt: Packet, now: float) -> int:
         """A segment for a full state in TIME_WAIT (VTW off)."""
@@ -426,7 +428,7 @@ class StateTable:
             if st.state == old_src and st.dst.state == old_dst:
                 changes.append(st)
             else:
-                changes.append(StateUpdated(st, old_src, old_dst))
+                changes.append(StateUpdated(st, old_src, old_dst, st.state, st.dst.state))
         self.passed += 1
         return PASS
 
@@ -469,7 +471,7 @@ class StateTable:
         self.count += 1
         self.fcounters[FCNT_STATE_INSERT] += 1
         if announce and self._changes is not None:
-            self._changes.append(StateInserted(st, self._origin))
+            self._changes.append(StateInserted(st, st.state, st.dst.state, self._origin))
 
     def insert(self, st: State) -> bool:
         """Insert a state built elsewhere (a sync peer's); False (counted) if it collides.
@@ -522,7 +524,7 @@ class StateTable:
         if self.vtw.enabled and self.vtw.insert(st, cls, expire):
             self.fcounters[FCNT_STATE_INSERT] += 1
             if self._changes is not None:
-                self._changes.append(StateInserted(st, self._origin))
+                self._changes.append(StateInserted(st, st.state, st.dst.state, self._origin))
             if self._changes is not None:
                 self._changes.append(
                     StateVestigial(st, expire, cls, st.state, st.dst.state, self._origin)
@@ -657,7 +659,9 @@ class StateTable:
             elif st.timeout == tmo.TIME_WAIT:
                 st.timeout = tmo.TCP_CLOSING  # a peer knows better: not closed after all
         if self._changes is not None:
-            self._changes.append(StateUpdated(st, old_src, old_dst, Origin.PEER))
+            self._changes.append(
+                StateUpdated(st, old_src, old_dst, st.state, st.dst.state, Origin.PEER)
+            )
         return STALE if stale else APPLIED
 
     @staticmethod

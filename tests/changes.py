@@ -22,7 +22,9 @@ class Recorder:
         """Every change so far, oldest first."""
         for ch in self.table.take_changes():
             if type(ch) is State:
-                self._events.append(StateUpdated(ch, ch.state, ch.dst.state))
+                self._events.append(
+                    StateUpdated(ch, ch.state, ch.dst.state, ch.state, ch.dst.state)
+                )
             else:
                 self._events.append(ch)  # type: ignore[arg-type]
         return self._events

@@ -42,12 +42,13 @@ from tools.pfctl_format import (
     format_info,
     format_memory,
     format_state,
+    format_sync,
     format_timeouts,
     state_to_json,
 )
 
 PROG = "pfctl"
-SHOW_MODIFIERS = ("states", "info", "timeouts", "memory", "all")
+SHOW_MODIFIERS = ("states", "info", "timeouts", "memory", "sync", "all")
 FLUSH_MODIFIERS = ("states", "info", "all")
 
 # sscanf("%llx/%x") as pfctl parses a state id; an optional 0x, as %x accepts.
@@ -240,6 +241,12 @@ def _show(node: Node, what: str, verbose: int, document: dict[str, Any] | None) 
         else:
             titles.print("TIMEOUTS:")
             _print_lines(format_timeouts(timeouts))
+    if what == "sync":
+        status = node.call(node.control.GetSyncStatus, pb.GetSyncStatusRequest())
+        if document is not None:
+            document["sync"] = message_to_dict(status)
+        else:
+            _print_lines(format_sync(status))
     if what in ("memory", "all"):
         memory = node.call(node.control.GetMemory, pb.GetMemoryRequest())
         if document is not None:

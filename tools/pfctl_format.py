@@ -238,3 +238,42 @@ def format_memory(memory: pb.GetMemoryResponse) -> list[str]:
 def state_to_json(state: pb.State) -> dict[str, Any]:
     """Return a state as a JSON-ready dict (proto3 JSON; addresses and ids are text)."""
     return message_to_dict(state)
+
+
+def _ms(duration: Any) -> str:
+    millis = duration.ToMilliseconds()
+    return f"{millis}ms" if millis < 10_000 else f"{millis // 1000}s"
+
+
+def format_sync(status: pb.GetSyncStatusResponse) -> list[str]:
+    """``pfctl -s sync``: readiness, settings, digests and one row per peer stream."""
+    if not status.enabled:
+        return [f"pfsync: off{'':35}hostid 0x{status.hostid}"]
+    state = "ready" if status.ready else "NOT ready"
+    lines = [
+        f"{f'pfsync: {state} ({status.ready_reason})':<48}hostid 0x{status.hostid}",
+        f"  listen {status.listen_address or '-'}  maxupd {status.maxupd}  "
+        f"flush {_ms(status.flush_interval)}  defer {'on' if status.defer else 'off'}",
+        f"  digest {status.digest} over {status.digest_states} states",
+    ]
+    if not status.peers:
+        return lines + ["  no peers"]
+    lines.append(
+        f"  {'Peer':<24} {'Up':<4} {'Creatorid':<9} {'Bulk':<9} {'Frames in/out':>17} "
+        f"{'States in/out':>19} {'Lag p50/p99':>13} Digest"
+    )
+    for p in status.peers:
+        address = ("<- " if p.inbound else "-> ") + p.address
+        lag = f"{_ms(p.lag_p50)}/{_ms(p.lag_p99)}" if p.HasField("lag_p99") else "-"
+        if not p.peer_digest:
+            digest = "-"
+        else:
+            digest = "agrees" if p.digest_agrees else f"differs ({p.peer_digest})"
+        lines.append(
+            f"  {address:<24} {'yes' if p.connected else 'no':<4} {p.creatorid or '-':<9} "
+            f"{p.bulk or '-':<9} {f'{p.frames_in}/{p.frames_out}':>17} "
+            f"{f'{p.states_in}/{p.states_out}':>19} {lag:>13} {digest}"
+        )
+        if p.last_error:
+            lines.append(f"    last error: {p.last_error}")
+    return lines

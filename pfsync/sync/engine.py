@@ -183,6 +183,8 @@ class PeerLink:
     bulk_in: bool = False
     bulk_received: int = 0
     digest_strikes: int = 0
+    peer_digest: int | None = None
+    digest_agrees: bool = False
     last_repair: float = float("-inf")
     next_digest: float = 0.0
     # Figures for pfctl -s sync.
@@ -363,9 +365,12 @@ class SyncEngine:
                 st = ch.state
                 if st.flags & FLAG_NOSYNC:
                     continue
-                if ch.old_src != st.state or ch.old_dst != st.dst.state:
-                    old = state_hash(st.id, st.creatorid, st.key, st.proto, ch.old_src, ch.old_dst)
-                    digest.replace(old, _hash(st))
+                if ch.old_src != ch.new_src or ch.old_dst != ch.new_dst:
+                    sid, creator, key = st.id, st.creatorid, st.key
+                    digest.replace(
+                        state_hash(sid, creator, key, st.proto, ch.old_src, ch.old_dst),
+                        state_hash(sid, creator, key, st.proto, ch.new_src, ch.new_dst),
+                    )
                 if ch.origin == Origin.PEER:
                     touched[st] = now
                     self._release(st.id, st.creatorid)
@@ -378,7 +383,9 @@ class SyncEngine:
                 st = ch.state
                 if st.flags & FLAG_NOSYNC:
                     continue
-                digest.add(_hash(st))
+                digest.add(
+                    state_hash(st.id, st.creatorid, st.key, st.proto, ch.src_state, ch.dst_state)
+                )
                 if ch.origin == Origin.PEER:
                     touched[st] = now
                     continue
@@ -862,6 +869,7 @@ class SyncEngine:
             self.stats.count("badval")
 
     def _digest_in(self, link: PeerLink, digest: pb.TableDigest, now: float) -> None:
+        link.peer_digest = digest.value
         # Compare only when nothing is in flight either way and no bulk is running.
         quiet = (
             digest.applied == self.sequence
@@ -872,7 +880,8 @@ class SyncEngine:
         )
         if not quiet:
             return
-        if digest.value == self.digest.value:
+        link.digest_agrees = digest.value == self.digest.value
+        if link.digest_agrees:
             link.digest_strikes = 0
             return
         self.stats.digest_mismatches += 1
@@ -917,6 +926,10 @@ class SyncEngine:
     def _release(self, id: int, creatorid: int) -> None:
         if self._deferred.pop((id, creatorid), None) is not None:
             self._released.append((id, creatorid))
+
+    def is_held(self, ident: tuple[int, int]) -> bool:
+        """Whether the new state ``(id, creatorid)`` still waits for an INS_ACK."""
+        return ident in self._deferred
 
     def take_released(self) -> list[tuple[int, int]]:
         """Deferred states whose packet may go now (acknowledged or timed out)."""
@@ -974,6 +987,16 @@ class SyncEngine:
                 link.reply_requests[(0, 0)] = None
 
     # ---- figures -----------------------------------------------------------------------
+
+    def ready_reason(self) -> str:
+        """Why the node is (not) ready, in words (pfctl -s sync)."""
+        if not any(link.configured for link in self.peers.values()) and self.bulk_attempts == 0:
+            return "no peers to wait for" if self.ready else "waiting for a bulk update"
+        if self.bulk_gave_up:
+            return "gave up waiting for a bulk update"
+        if self.ready:
+            return "bulk update done"
+        return f"waiting for a bulk update (attempt {self.bulk_attempts} of {BULK_ATTEMPTS})"
 
     def in_flight(self) -> int:
         """Our frames not yet acknowledged by the slowest connected peer."""

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 
-from pfsync.sync.engine import SyncEngine
+from pfsync.sync.engine import DEFER_SECONDS, SyncEngine
 from pfsync.v1 import sync_pb2 as pb
 from pfsync.v1 import sync_pb2_grpc
 
@@ -95,8 +95,12 @@ class SyncDriver(sync_pb2_grpc.SyncServiceServicer):
         tls: TlsFiles | None = None,
         allow: Sequence[str] = (),
         on_ready: Callable[[bool], None] | None = None,
+        listen_address: str = "",
     ) -> None:
         self.engine = engine
+        self.listen_address = listen_address
+        # New states the engine holds for deferral, since the last release_deferred().
+        self._held: list[tuple[int, int]] = []
         self._publish = publish
         self.clock = clock
         self.peer_addresses = list(peers)
@@ -141,7 +145,22 @@ class SyncDriver(sync_pb2_grpc.SyncServiceServicer):
 
     def consume(self, changes: list[object], now: float) -> None:
         """The node's change fan-out calls this with what the table recorded."""
-        self.engine.handle_changes(changes, now)
+        held = self.engine.handle_changes(changes, now)
+        if held:
+            self._held += held
+            self.poke()
+
+    async def release_deferred(self) -> None:
+        """Wait until the states held for deferral are acknowledged or timed out (the
+        engine releases each within DEFER_SECONDS; the ticker runs at its deadlines)."""
+        held, self._held = self._held, []
+        if not held:
+            return
+        self.pump()
+        deadline = self.clock() + 4 * DEFER_SECONDS  # a bound even if the ticker is late
+        while any(self.engine.is_held(ident) for ident in held) and self.clock() < deadline:
+            await asyncio.sleep(0.001)
+        self.engine.take_released()
 
     def pump(self, force: bool = False) -> None:
         """Bring the engine up to date (changes, timers) and wake the writers."""
