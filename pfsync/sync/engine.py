@@ -174,6 +174,8 @@ class PeerLink:
     resume_sequence: int = 0
     # The highest of our sequences the peer acknowledged.
     acked: int = 0
+    # We applied a numbered frame of the peer's and owe it an acknowledgement.
+    ack_owed: bool = False
     outbox: deque[pb.SyncFrame] = field(default_factory=deque)
     # Per-peer replies, flushed with the next frames_to_send.
     reply_full: dict[tuple[int, int], State] = field(default_factory=dict)
@@ -578,6 +580,9 @@ class SyncEngine:
             out.append(link.outbox.popleft())
         while link.bulk_out is not None and len(out) < limit:
             out.append(self._bulk_frame(link, now))
+        if link.ack_owed and not out:
+            out.append(pb.SyncFrame(sender=self.hostid))  # an acknowledgement alone
+        link.ack_owed = False
         self._count_out(link, out)
         return out
 
@@ -720,6 +725,7 @@ class SyncEngine:
             return
         if frame.sequence:
             link.applied = frame.sequence
+            link.ack_owed = True
         if frame.ack:
             self._acked(link, frame.ack, now)
 
