@@ -456,7 +456,9 @@ class SyncEngine:
         waiting = len(self._pending) + len(self._pending_vtw) + len(self._deletes)
         if waiting >= self.settings.frame_states:
             return True
-        return now - self._first_change >= self.settings.flush_ms / 1000
+        # The same sum next_timer() reports: ``now - first >= flush`` can be False at the
+        # very time next_timer() gave (float rounding), and the timer would spin.
+        return now >= self._first_change + self.settings.flush_ms / 1000
 
     def _flush(self, now: float) -> None:
         """Turn everything pending into numbered frames for every peer."""
