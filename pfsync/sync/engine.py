@@ -484,6 +484,8 @@ class SyncEngine:
         self._clears.clear()
         acks = self._ack_requests
         self._ack_requests = {}
+        if not (pending or vtw or deletes or clears):
+            return  # what was pending cancelled out (an INS removed before the flush)
         timeouts = self.table.timeouts
         out = self.stats.actions_out
         while True:
