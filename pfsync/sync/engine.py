@@ -366,10 +366,20 @@ class SyncEngine:
                     touched[st] = now
                     self._release(st.id, st.creatorid)
                     continue
-                if st not in pending:
+                # A transition (SYN|ACK, FIN, ...) is an update like any other packet's:
+                # it counts towards maxupd and leaves at once if a peer just changed it.
+                code = pending.get(st)
+                if code is None:
                     pending[st] = _UPD_C | _COUNT
                     if self._first_change is None:
                         self._first_change = now
+                elif st.proto == 6:
+                    code += _COUNT
+                    pending[st] = code
+                    if code >= maxupd:
+                        self._urgent = True
+                if touched and st in touched and now - touched[st] < PEER_RECENT_SECONDS:
+                    self._urgent = True
             elif type(ch) is StateInserted:
                 st = ch.state
                 if st.flags & FLAG_NOSYNC:
