@@ -475,8 +475,14 @@ class SyncEngine:
         first = self._first_change if self._first_change is not None else now
         self._first_change = None
         self._urgent = False
-        if not self.peers:
-            # Nobody to tell: a peer that appears later gets a bulk update.
+        if not self.peers and not self._resume:
+            # Nobody to tell, and nobody who may resume (a listener that had streams keeps
+            # numbering and logging for their return). These changes are in no frame, so
+            # the log must not claim to be complete: skip a sequence and empty the log, and
+            # whoever resumes from before them gets a bulk update (a peer's hello would
+            # otherwise be answered "nothing missed").
+            self.sequence += 1
+            self.log.clear()
             self._pending.clear()
             self._pending_vtw.clear()
             self._deletes.clear()
