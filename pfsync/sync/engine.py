@@ -582,6 +582,9 @@ class SyncEngine:
             out.append(link.outbox.popleft())
         while link.bulk_out is not None and len(out) < limit:
             out.append(self._bulk_frame(link, now))
+        digest = self._digest_frame(link, now)
+        if digest is not None:
+            out.append(digest)
         self._count_out(link, out)
         return out
 
@@ -646,14 +649,25 @@ class SyncEngine:
                 wire.put_states(frame.time_wait, tw, timeouts, now)
                 self.stats.actions_out["vtw"] += len(tw)
             used = used or bool(live or tw)
-        if now >= link.next_digest:
-            link.next_digest = now + self.settings.digest_interval
-            frame.digest.value = self.digest.value
-            frame.digest.states = self.digest.states
-            frame.digest.applied = link.applied
-            self.stats.actions_out["digest"] += 1
-            used = True
         return frame if used else None
+
+    def _digest_frame(self, link: PeerLink, now: float) -> pb.SyncFrame | None:
+        # The digest describes our table after every frame before it on the stream, so it
+        # goes last, and only when nothing of ours is still queued or pending: sent ahead
+        # of our own frames it read as a mismatch on the peer (counted, strikes). A busy
+        # turn skips to the next interval (the peer would not compare it anyway), so
+        # next_timer() does not report a past time over and over.
+        if now < link.next_digest:
+            return None
+        link.next_digest = now + self.settings.digest_interval
+        if link.outbox or link.bulk_out is not None or self._first_change is not None:
+            return None
+        frame = pb.SyncFrame(sender=self.hostid)
+        frame.digest.value = self.digest.value
+        frame.digest.states = self.digest.states
+        frame.digest.applied = link.applied
+        self.stats.actions_out["digest"] += 1
+        return frame
 
     # ---- bulk update -------------------------------------------------------------------
 
