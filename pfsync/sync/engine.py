@@ -510,8 +510,17 @@ class SyncEngine:
                 frame.clear.extend(clears)
                 out["clr"] += len(clears)
                 clears = []
-            chunk, pending = pending[:budget], pending[budget:]
-            room = budget - len(chunk)
+            # Deletes first: a removed state's key may already belong to a new state of
+            # this flush (a SYN reusing a closed connection's ports); inserted ahead of
+            # the delete, the peer found the key taken and dropped the new state.
+            room = budget
+            if deletes:
+                part_ids, deletes = deletes[:room], deletes[room:]
+                wire.put_ids(frame.deletes, part_ids)
+                out["del_c"] += len(part_ids)
+                room -= len(part_ids)
+            chunk, pending = pending[:room], pending[room:]
+            room -= len(chunk)
             ins = [st for st, code in chunk if code & _KIND == _INS]
             upd = [st for st, code in chunk if code & _KIND == _UPD]
             updc = [st for st, code in chunk if code & _KIND == _UPD_C]
@@ -532,10 +541,6 @@ class SyncEngine:
                 wire.put_states(frame.time_wait, part, timeouts, now)
                 out["vtw"] += len(part)
                 room -= len(part)
-            if room > 0 and deletes:
-                part_ids, deletes = deletes[:room], deletes[room:]
-                wire.put_ids(frame.deletes, part_ids)
-                out["del_c"] += len(part_ids)
             self._send_shared(frame, first)
             if not pending and not vtw and not deletes:
                 break
@@ -798,6 +803,12 @@ class SyncEngine:
         for creatorid in frame.clear:
             ain["clr"] += 1
             table.clear(creatorid, RemoveReason.FLUSHED, Origin.PEER)
+        # Deletes before states: see _flush (a deleted key may be reused in this frame).
+        for ident in deletes:
+            ain["del_c"] += 1
+            link.states_in += 1
+            if not table.apply_delete(ident[0], ident[1]):
+                self.stats.count("badstate")
         for group, name in ((ins, "ins"), (upd, "upd"), (tw, "vtw")):
             if group:
                 ain[name] += len(group)
@@ -811,11 +822,6 @@ class SyncEngine:
         for ident in requests:
             ain["upd_req"] += 1
             self._update_request(link, ident)
-        for ident in deletes:
-            ain["del_c"] += 1
-            link.states_in += 1
-            if not table.apply_delete(ident[0], ident[1]):
-                self.stats.count("badstate")
         for ident in acks:
             ain["ins_ack"] += 1
             self._release(*ident)
