@@ -1159,3 +1159,21 @@ def _both_dial() -> tuple[dict[tuple[str, str], int], SimNode, SimNode]:
         node.engine.handle_timer(T0 + 3)
     pump(T0 + 3)
     return {k: carried[k] - before[k] for k in carried}, a, b
+
+
+@pytest.mark.parametrize("frame_states", [1, 1024])
+@pytest.mark.parametrize("vtw", [True, False])
+def test_ports_reused_within_one_flush_reach_the_peer(frame_states: int, vtw: bool) -> None:
+    # The old connection's delete and the new one's insert leave together: the peer must
+    # drop the old state before it takes the new one with the same key.
+    a, b = pair(frame_states=frame_states)
+    a.table.set_vtw_enabled(vtw)
+    b.table.set_vtw_enabled(vtw)
+    Tcp(a, 1).open(T0).data(T0).close(T0)
+    flush_all([a, b], T0)
+    Tcp(a, 1, cisn=900_000).open(T0 + 5)
+    udp(a, T0 + 5, 2)
+    flush_all([a, b], T0 + 5)
+    assert counters(b)["badstate"] == 0
+    assert_converged(a, b)
+    assert a.table.count == 2
