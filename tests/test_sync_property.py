@@ -5,7 +5,8 @@ Random TCP conversations (opened, given data, closed step by step from either si
 reset, reopened on the same ports with a new ISN), UDP and ICMP, on IPv4 and IPv6; time
 moves by random steps, frames are delivered at random points, and now and then time
 jumps and both tables purge (B's clock a little behind A's, so B's own expiries race
-A's deletes as they do between real nodes).
+A's deletes as they do between real nodes); the stream is cut and rejoined at random
+(resume from the replay log, or a bulk).
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ from hypothesis import strategies as st
 
 from tests import packets
 from tests.packets import ACK, FIN, PSH, RST, SYN
-from tests.sync_harness import SimNode, connect, flush_all, make_node, snapshot, transfer
+from tests.sync_harness import (
+    SimNode,
+    connect,
+    disconnect,
+    flush_all,
+    make_node,
+    snapshot,
+    transfer,
+)
 from tests.test_sync_engine import Tcp, addrs
 
 T0 = 1000.0
@@ -28,6 +37,8 @@ _op = st.one_of(
     st.tuples(st.just("tick"), st.sampled_from([0.001, 0.004, 0.02, 0.3, 1.0, 2.5])),
     st.tuples(st.just("deliver")),
     st.tuples(st.just("purge"), st.sampled_from([5.0, 31.0, 61.0, 95.0, 1000.0])),
+    st.tuples(st.just("cut")),
+    st.tuples(st.just("join")),
 )
 
 
@@ -42,6 +53,7 @@ class World:
         self.v6 = v6
         self.conns: dict[int, Tcp] = {}
         self.isn = 1000
+        self.connected = True
 
     @property
     def nodes(self) -> list[SimNode]:
@@ -91,6 +103,12 @@ class World:
                 node.engine.handle_timer(self.now)
         elif kind == "deliver":
             transfer(self.nodes, now)
+        elif kind == "cut" and self.connected:
+            disconnect(self.a, self.b, now)
+            self.connected = False
+        elif kind == "join" and not self.connected:
+            connect(self.a, self.b, now)
+            self.connected = True
         elif kind == "purge":
             self.now += op[1]
             self.a.table.purge(self.now, 1 << 20)
@@ -100,7 +118,7 @@ class World:
 
 
 @settings(
-    max_examples=400,
+    max_examples=300,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
@@ -117,6 +135,7 @@ def test_random_traffic_on_a_leaves_b_equal(
     w = World(v6, b_vtw, maxupd, flush_ms)
     for op in ops:
         w.run(op)
+    w.run(("join",))
     flush_all(w.nodes, w.now)
     a, b = w.a, w.b
     assert snapshot(a.table) == snapshot(b.table)
