@@ -88,15 +88,15 @@ class World:
         elif kind == "rst":
             self.conn(op[1]).c(RST | ACK, now)
         elif kind == "udp":
-            c, s = addrs(10 + op[1], self.v6)
-            self.a.feed(packets.udp(c, s, 5000 + op[1], 53), now)
+            cli, srv = addrs(10 + op[1], self.v6)
+            self.a.feed(packets.udp(cli, srv, 5000 + op[1], 53), now)
             if op[2]:
-                self.a.feed(packets.udp(s, c, 53, 5000 + op[1]), now)
+                self.a.feed(packets.udp(srv, cli, 53, 5000 + op[1]), now)
         elif kind == "icmp":
-            c, s = addrs(20 + op[1], self.v6)
-            self.a.feed(packets.icmp_echo(c, s, 9 + op[1]), now)
+            cli, srv = addrs(20 + op[1], self.v6)
+            self.a.feed(packets.icmp_echo(cli, srv, 9 + op[1]), now)
             if op[2]:
-                self.a.feed(packets.icmp_echo(s, c, 9 + op[1], reply=True), now)
+                self.a.feed(packets.icmp_echo(srv, cli, 9 + op[1], reply=True), now)
         elif kind == "tick":
             self.now += op[1]
             for node in self.nodes:
