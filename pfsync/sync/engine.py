@@ -377,10 +377,20 @@ class SyncEngine:
                     touched[st] = now
                     self._release(st.id, st.creatorid)
                     continue
-                if st not in pending:
+                # A transition (SYN|ACK, FIN, ...) is an update like any other packet's:
+                # it counts towards maxupd and leaves at once if a peer just changed it.
+                code = pending.get(st)
+                if code is None:
                     pending[st] = _UPD_C | _COUNT
                     if self._first_change is None:
                         self._first_change = now
+                elif st.proto == 6:
+                    code += _COUNT
+                    pending[st] = code
+                    if code >= maxupd:
+                        self._urgent = True
+                if touched and st in touched and now - touched[st] < PEER_RECENT_SECONDS:
+                    self._urgent = True
             elif type(ch) is StateInserted:
                 st = ch.state
                 if st.flags & FLAG_NOSYNC:
@@ -474,15 +484,23 @@ class SyncEngine:
         waiting = len(self._pending) + len(self._pending_vtw) + len(self._deletes)
         if waiting >= self.settings.frame_states:
             return True
-        return now - self._first_change >= self.settings.flush_ms / 1000
+        # The same sum next_timer() reports: ``now - first >= flush`` can be False at the
+        # very time next_timer() gave (float rounding), and the timer would spin.
+        return now >= self._first_change + self.settings.flush_ms / 1000
 
     def _flush(self, now: float) -> None:
         """Turn everything pending into numbered frames for every peer."""
         first = self._first_change if self._first_change is not None else now
         self._first_change = None
         self._urgent = False
-        if not self.peers:
-            # Nobody to tell: a peer that appears later gets a bulk update.
+        if not self.peers and not self._resume:
+            # Nobody to tell, and nobody who may resume (a listener that had streams keeps
+            # numbering and logging for their return). These changes are in no frame, so
+            # the log must not claim to be complete: skip a sequence and empty the log, and
+            # whoever resumes from before them gets a bulk update (a peer's hello would
+            # otherwise be answered "nothing missed").
+            self.sequence += 1
+            self.log.clear()
             self._pending.clear()
             self._pending_vtw.clear()
             self._deletes.clear()
@@ -500,6 +518,8 @@ class SyncEngine:
         self._clears.clear()
         acks = self._ack_requests
         self._ack_requests = {}
+        if not (pending or vtw or deletes or clears):
+            return  # what was pending cancelled out (an INS removed before the flush)
         timeouts = self.table.timeouts
         out = self.stats.actions_out
         while True:
@@ -508,8 +528,17 @@ class SyncEngine:
                 frame.clear.extend(clears)
                 out["clr"] += len(clears)
                 clears = []
-            chunk, pending = pending[:budget], pending[budget:]
-            room = budget - len(chunk)
+            # Deletes first: a removed state's key may already belong to a new state of
+            # this flush (a SYN reusing a closed connection's ports); inserted ahead of
+            # the delete, the peer found the key taken and dropped the new state.
+            room = budget
+            if deletes:
+                part_ids, deletes = deletes[:room], deletes[room:]
+                wire.put_ids(frame.deletes, part_ids)
+                out["del_c"] += len(part_ids)
+                room -= len(part_ids)
+            chunk, pending = pending[:room], pending[room:]
+            room -= len(chunk)
             ins = [st for st, code in chunk if code & _KIND == _INS]
             upd = [st for st, code in chunk if code & _KIND == _UPD]
             updc = [st for st, code in chunk if code & _KIND == _UPD_C]
@@ -530,10 +559,6 @@ class SyncEngine:
                 wire.put_states(frame.time_wait, part, timeouts, now)
                 out["vtw"] += len(part)
                 room -= len(part)
-            if room > 0 and deletes:
-                part_ids, deletes = deletes[:room], deletes[room:]
-                wire.put_ids(frame.deletes, part_ids)
-                out["del_c"] += len(part_ids)
             self._send_shared(frame, first)
             if not pending and not vtw and not deletes:
                 break
@@ -565,6 +590,14 @@ class SyncEngine:
         if self._must_flush(now):
             self._flush(now)
         out: list[pb.SyncFrame] = []
+        if link.superseded:
+            # A stream that lost to another one to the same node: a hello, then nothing.
+            if not link.hello_sent:
+                out.append(self._hello(link))
+                link.hello_sent = True
+            link.connected = False
+            self._count_out(link, out)
+            return out
         if not link.hello_sent:
             if not link.configured and link.creatorid is None:
                 return out  # a listener speaks once it knows who dialed (its hello)
@@ -580,6 +613,9 @@ class SyncEngine:
             out.append(link.outbox.popleft())
         while link.bulk_out is not None and len(out) < limit:
             out.append(self._bulk_frame(link, now))
+        digest = self._digest_frame(link, now)
+        if digest is not None:
+            out.append(digest)
         if link.ack_owed and not out:
             out.append(pb.SyncFrame(sender=self.hostid))  # an acknowledgement alone
         link.ack_owed = False
@@ -644,14 +680,25 @@ class SyncEngine:
                 wire.put_states(frame.time_wait, tw, timeouts, now)
                 self.stats.actions_out["vtw"] += len(tw)
             used = used or bool(live or tw)
-        if now >= link.next_digest:
-            link.next_digest = now + self.settings.digest_interval
-            frame.digest.value = self.digest.value
-            frame.digest.states = self.digest.states
-            frame.digest.applied = link.applied
-            self.stats.actions_out["digest"] += 1
-            used = True
         return frame if used else None
+
+    def _digest_frame(self, link: PeerLink, now: float) -> pb.SyncFrame | None:
+        # The digest describes our table after every frame before it on the stream, so it
+        # goes last, and only when nothing of ours is still queued or pending: sent ahead
+        # of our own frames it read as a mismatch on the peer (counted, strikes). A busy
+        # turn skips to the next interval (the peer would not compare it anyway), so
+        # next_timer() does not report a past time over and over.
+        if now < link.next_digest:
+            return None
+        link.next_digest = now + self.settings.digest_interval
+        if link.outbox or link.bulk_out is not None or self._first_change is not None:
+            return None
+        frame = pb.SyncFrame(sender=self.hostid)
+        frame.digest.value = self.digest.value
+        frame.digest.states = self.digest.states
+        frame.digest.applied = link.applied
+        self.stats.actions_out["digest"] += 1
+        return frame
 
     # ---- bulk update -------------------------------------------------------------------
 
@@ -700,7 +747,7 @@ class SyncEngine:
     def receive(self, name: str, frame: pb.SyncFrame, now: float, size: int = 0) -> None:
         """Apply a frame from peer ``name``. Bad frames are counted and dropped."""
         link = self.peers.get(name)
-        if link is None or not link.connected:
+        if link is None or not link.connected or link.superseded:
             return
         link.frames_in += 1
         link.bytes_in += size
@@ -737,10 +784,12 @@ class SyncEngine:
             return
         if link.epoch != hello.epoch:
             saved = self._resume.get(hello.creatorid)
-            # A new process on the other side restarts its sequences.
-            link.applied = saved[1] if saved is not None and saved[0] == hello.epoch else 0
+            # A new process on the other side restarts its sequences; the same one (we
+            # kept where we were in its frames) is resumed, even from sequence 0.
+            known = saved is not None and saved[0] == hello.epoch
+            link.applied = saved[1] if saved is not None and known else 0
             if not link.hello_sent:  # a listener: its hello is not out yet
-                link.resume_epoch = hello.epoch if link.applied else 0
+                link.resume_epoch = hello.epoch if known else 0
                 link.resume_sequence = link.applied
         link.creatorid, link.epoch = hello.creatorid, hello.epoch
         for other in list(self.peers.values()):
@@ -751,19 +800,26 @@ class SyncEngine:
             mine = self.hostid if link.configured else hello.creatorid
             theirs = self.hostid if other.configured else hello.creatorid
             loser = link if mine > theirs else other
-            loser.superseded, loser.connected = True, False
+            loser.superseded = True
             loser.last_error = "another stream to the same node is used"
             loser.outbox.clear()
+            if loser.hello_sent:
+                loser.connected = False
+            # else: it still says hello (frames_to_send), so the other end learns who we
+            # are and drops the stream too, by the same rule.
             if loser is link:
                 return
-        if hello.resume_epoch == self.epoch and hello.resume_epoch:
+        if not hello.resume_epoch:
+            return  # a fresh peer asks for a bulk update itself (UPD_REQ 0, 0)
+        if hello.resume_epoch == self.epoch:
             frames = self.log.since(hello.resume_sequence, self.sequence)
             if frames is not None:
                 for f in frames:
                     self._enqueue(link, f)
                 return
-            self.stats.bulk_fallbacks += 1
-            self._start_bulk(link)
+        # Its resume point is gone from our log, or belongs to our previous process.
+        self.stats.bulk_fallbacks += 1
+        self._start_bulk(link)
 
     def _apply(self, link: PeerLink, frame: pb.SyncFrame, now: float) -> None:
         table = self.table
@@ -786,6 +842,12 @@ class SyncEngine:
         for creatorid in frame.clear:
             ain["clr"] += 1
             table.clear(creatorid, RemoveReason.FLUSHED, Origin.PEER)
+        # Deletes before states: see _flush (a deleted key may be reused in this frame).
+        for ident in deletes:
+            ain["del_c"] += 1
+            link.states_in += 1
+            if not table.apply_delete(ident[0], ident[1]):
+                self.stats.count("badstate")
         for group, name in ((ins, "ins"), (upd, "upd"), (tw, "vtw")):
             if group:
                 ain[name] += len(group)
@@ -799,11 +861,6 @@ class SyncEngine:
         for ident in requests:
             ain["upd_req"] += 1
             self._update_request(link, ident)
-        for ident in deletes:
-            ain["del_c"] += 1
-            link.states_in += 1
-            if not table.apply_delete(ident[0], ident[1]):
-                self.stats.count("badstate")
         for ident in acks:
             ain["ins_ack"] += 1
             self._release(*ident)
