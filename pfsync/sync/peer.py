@@ -22,6 +22,7 @@ import asyncio
 import logging
 import random
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 import grpc
 
@@ -74,7 +75,7 @@ class TlsFiles:
         )
 
 
-def peer_names(context: grpc.aio.ServicerContext) -> list[str]:
+def peer_names(context: grpc.aio.ServicerContext[Any, Any]) -> list[str]:
     """The names (CN and SANs) in the certificate a peer presented."""
     auth = context.auth_context()
     names: list[str] = []
@@ -236,7 +237,7 @@ class SyncDriver(sync_pb2_grpc.SyncServiceServicer):
                 continue
             error = ""
             async with self._channel(addr) as channel:
-                stub = sync_pb2_grpc.SyncServiceStub(channel)
+                stub = sync_pb2_grpc.SyncServiceStub(channel)  # type: ignore[no-untyped-call]
                 self.engine.peer_up(addr, self.clock(), v6=addr.startswith("["))
                 requests = (pb.ExchangeRequest(frame=f) async for f in self._outgoing(addr))
                 call = stub.Exchange(requests)
@@ -264,7 +265,7 @@ class SyncDriver(sync_pb2_grpc.SyncServiceServicer):
     async def Exchange(  # noqa: N802 (gRPC method name)
         self,
         request_iterator: AsyncIterator[pb.ExchangeRequest],
-        context: grpc.aio.ServicerContext,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.ExchangeResponse]:
         """A peer dialed us: run the stream until either side closes it."""
         if self.tls is not None and self.allow:
@@ -306,7 +307,8 @@ class SyncDriver(sync_pb2_grpc.SyncServiceServicer):
                     return
                 if not frames:
                     waiter = asyncio.ensure_future(wake.wait())
-                    await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                    pending: set[asyncio.Future[Any]] = {waiter, reader}
+                    await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                     waiter.cancel()
                     wake.clear()
         finally:
