@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -222,6 +224,40 @@ def test_small_batches_and_wide_window_keep_order(running: str, tmp_path: Path) 
     out = pfreplay(running, "--json", "--batch", "7", "--window", "16", str(path))
     summary = json.loads(out.stdout)
     assert (summary["sent"], summary["passed"], summary["state_mismatch"]) == (2400, 2400, 0)
+
+
+def test_progress_bar_only_on_a_terminal(running: str, tmp_path: Path) -> None:
+    """With stderr on a pseudo-terminal the bar is drawn there, then erased; stdout is as usual."""
+    path = write_timed_capture(tmp_path / "bar.pcap", 6, 0.1)
+    controller, terminal = pty.openpty()
+    try:
+        out = subprocess.run(
+            [BIN / "pfreplay", "-N", running, "--speed", "1", str(path)],
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+            text=True,
+            timeout=30,
+        )
+        os.close(terminal)
+        terminal = -1
+        drawn = b""
+        while select.select([controller], [], [], 0.5)[0]:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # EIO: the terminal side is closed and drained
+                break
+            if not chunk:
+                break
+            drawn += chunk
+    finally:
+        os.close(controller)
+        if terminal >= 0:
+            os.close(terminal)
+    assert out.returncode == 0
+    assert out.stdout.startswith("6 packets sent in ")
+    text = drawn.decode()
+    assert "\r[" in text and "6/6" in text and "100%" in text, text
+    assert text.endswith("\r\x1b[K"), text  # erased before the summary
 
 
 # --- timing ------------------------------------------------------------------------------
