@@ -164,6 +164,11 @@ class Node:
         self._channel.close()
 
     @property
+    def channel(self) -> grpc.Channel:
+        """The channel, for multi-callables the stubs do not offer (e.g. pre-encoded requests)."""
+        return self._channel
+
+    @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """The call metadata (the token), for calls made outside ``call`` (e.g. futures)."""
         return self._metadata
