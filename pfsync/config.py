@@ -53,8 +53,9 @@ class NodeConfig(BaseSettings):
     local_net: list[str] = Field(
         default_factory=list, description="MSLT local networks (default: this host's)"
     )
-    sync_listen: str = Field(
-        "127.0.0.1:7071", description="pfsync peer endpoint (empty: accept no peers)"
+    # None: the default address, given up with a warning if another process holds it.
+    sync_listen: str | None = Field(
+        None, description="pfsync peer endpoint (default 127.0.0.1:7071; empty: none)"
     )
     peer: list[str] = Field(default_factory=list, description="peers to sync with (HOST:PORT)")
     tls_cert: Path | None = Field(None, description="certificate (PEM) for mTLS between peers")
@@ -89,7 +90,7 @@ class NodeConfig(BaseSettings):
 
     @field_validator("sync_listen")
     @classmethod
-    def _sync_address(cls, value: str) -> str:
+    def _sync_address(cls, value: str | None) -> str | None:
         return _host_port(value) if value else value
 
     @field_validator("peer")

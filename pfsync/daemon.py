@@ -251,6 +251,7 @@ async def serve(config: NodeConfig, exit_after_replay: bool = False) -> int:
     return 1 if failed else 0
 
 
+DEFAULT_SYNC_LISTEN = "127.0.0.1:7071"
 SYNC_SERVICE = sync_pb2.DESCRIPTOR.services_by_name["SyncService"].full_name
 
 
@@ -272,7 +273,8 @@ async def _start_sync(
     health_servicer: health.aio.HealthServicer,
 ) -> tuple[SyncDriver | None, grpc.aio.Server | None]:
     """pfsync: the listener (--sync-listen) and the dialers (--peer), when configured."""
-    if not config.sync_listen and not config.peer:
+    listen = DEFAULT_SYNC_LISTEN if config.sync_listen is None else config.sync_listen
+    if not listen and not config.peer:
         await health_servicer.set(SYNC_SERVICE, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
         return None, None
     try:
@@ -297,25 +299,30 @@ async def _start_sync(
         tls=tls,
         allow=config.peer_allow,
         on_ready=ready,
-        listen_address=config.sync_listen,
+        listen_address=listen,
     )
     node.add_consumer(driver.consume)
     node.sync = driver
     sync_server = None
-    if config.sync_listen:
+    if listen:
         sync_server = grpc.aio.server(options=SERVER_OPTIONS)
         sync_pb2_grpc.add_SyncServiceServicer_to_server(driver, sync_server)
         try:
             if tls is None:
-                port = sync_server.add_insecure_port(config.sync_listen)
+                port = sync_server.add_insecure_port(listen)
             else:
-                port = sync_server.add_secure_port(config.sync_listen, tls.server())
+                port = sync_server.add_secure_port(listen, tls.server())
         except RuntimeError:
             port = 0
-        if port == 0:
-            raise OSError(f"cannot listen on {config.sync_listen} (pfsync)")
-        await sync_server.start()
-        log.info("pfsync on %s, peers: %s", config.sync_listen, ", ".join(config.peer) or "none")
+        if port == 0 and config.sync_listen is None:
+            # Only the default was taken (another node on this host): run without it.
+            log.warning("pfsync: %s is in use; accepting no peers (set --sync-listen)", listen)
+            sync_server, driver.listen_address = None, ""
+        elif port == 0:
+            raise OSError(f"cannot listen on {listen} (pfsync)")
+        else:
+            await sync_server.start()
+            log.info("pfsync on %s, peers: %s", listen, ", ".join(config.peer) or "none")
     driver.start()
     return driver, sync_server
 

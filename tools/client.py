@@ -163,6 +163,20 @@ class Node:
         """Close the channel."""
         self._channel.close()
 
+    @property
+    def channel(self) -> grpc.Channel:
+        """The channel, for multi-callables the stubs do not offer (e.g. pre-encoded requests)."""
+        return self._channel
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The call metadata (the token), for calls made outside ``call`` (e.g. futures)."""
+        return self._metadata
+
+    def failure(self, exc: grpc.RpcError, timeout: float | None = None) -> ToolError:
+        """The one-line ``ToolError`` for a call that failed outside ``call``/``stream``."""
+        return self._failure(exc, self.timeout if timeout is None else timeout)
+
     def call(self, method: Callable[..., Any], request: Message) -> Any:
         """Make a unary call, e.g. ``node.call(node.control.GetInfo, GetInfoRequest())``."""
         try:
