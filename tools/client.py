@@ -2,7 +2,7 @@
 
 The tools are gRPC clients of a node and nothing else: they import the generated
 ``pfsync.v1`` stubs and this module, never ``statetable`` or the daemon. This module owns
-what every tool must do the same way (the contract in DESIGN.md):
+what every tool must do the same way (the tools contract in the README):
 
 - find the node: ``-N/--node``, else ``$PFSYNC_NODE``, else ``127.0.0.1:7070``;
 - find the admin token: ``--token-file``, else ``$PFSYNC_TOKEN`` (the token itself), sent
