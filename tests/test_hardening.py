@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -122,3 +123,157 @@ def test_records_straddling_read_chunks(
     monkeypatch.setattr(pcap, "READ_CHUNK", 7)
     assert list(read_capture(path)) == whole
     assert [f for _, _, f in whole] == frames
+
+
+def one_line_failure(argv: list[str], code: int = 2) -> str:
+    """Run pfsyncd expecting it to refuse to start; return its single stderr line."""
+    proc = subprocess.run([BIN / "pfsyncd", *argv], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == code, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pfsyncd: "), proc.stderr
+    return lines[0]
+
+
+# ---- item 1: an empty admin token must not make everyone admin ----------------------------
+
+
+@pytest.mark.parametrize("content", ["", "  \n\t\n"])
+def test_empty_admin_token_file_refuses_to_start(tmp_path: Path, content: str) -> None:
+    token = tmp_path / "admin.token"
+    token.write_text(content)
+    line = one_line_failure(["--admin-token-file", str(token), "--control", f"{LOCAL}:0"])
+    assert "admin token file is empty" in line
+
+
+def test_bare_bearer_header_is_not_admin(tmp_path: Path) -> None:
+    token = tmp_path / "admin.token"
+    token.write_text("s3cret\n")
+    with running("--admin-token-file", str(token)) as (addr, _):
+        env = {**os.environ, "PFSYNC_TOKEN": " "}
+        out = subprocess.run(
+            [BIN / "pfctl", "-N", addr, "-F", "states"], capture_output=True, text=True, env=env
+        )
+        assert out.returncode == 1 and "wants a token" in out.stderr
+        ok = subprocess.run(
+            [BIN / "pfctl", "-N", addr, "-F", "states", "--token-file", str(token)],
+            capture_output=True,
+            text=True,
+        )
+        assert ok.returncode == 0, ok.stderr
+
+
+# ---- item 4: signals ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signals_stop_exit_after_replay(tmp_path: Path, sig: signal.Signals) -> None:
+    """Were ignored until the replay ended (serve waited on the replay tasks only)."""
+    path = tmp_path / "long.pcap"
+    slow_capture(path, 1000, 1.0, payload=10)  # 1000 s at real time
+    with running("--pcap", str(path), "--replay-speed", "1", "--exit-after-replay") as (_, proc):
+        proc.send_signal(sig)
+        assert proc.wait(5) == 0
+
+
+def test_sighup_reloads_the_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text('limit_states = 5000\n[sysctl]\n"net.pf.timeout.udp.first" = 61\n')
+    with running("--config", str(config)) as (addr, proc):
+        pfsysctl = [BIN / "pfsysctl", "-N", addr, "-n", "net.pf.limit.states"]
+        config.write_text('limit_states = 7000\n[sysctl]\n"net.pf.timeout.udp.first" = 62\n')
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while subprocess.run(pfsysctl, capture_output=True, text=True).stdout.strip() != "7000":
+            assert time.monotonic() < deadline, "limit not reloaded"
+            time.sleep(0.1)
+        udp_first = [BIN / "pfsysctl", "-N", addr, "-n", "net.pf.timeout.udp.first"]
+        assert subprocess.run(udp_first, capture_output=True, text=True).stdout.strip() == "62"
+        # A broken file on the next SIGHUP is logged and ignored: the node keeps running.
+        config.write_text("limit_states = 0\n")
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert proc.poll() is None
+        assert subprocess.run(pfsysctl, capture_output=True, text=True).stdout.strip() == "7000"
+        proc.terminate()
+        assert proc.wait(10) == 0
+        log = proc.stderr.read()
+    assert "SIGHUP: config reloaded (" in log and "net.pf.limit.states 5000 -> 7000" in log
+    assert "SIGHUP: config not reloaded: invalid setting limit_states" in log
+    assert "Traceback" not in log
+
+
+# ---- item 5: start-up failures are one line -------------------------------------------------
+
+
+def test_control_address_failures_are_one_line(tmp_path: Path) -> None:
+    with running() as (addr, _):
+        assert "Address already in use" in one_line_failure(["--control", addr], 1)
+    assert "cannot resolve" in one_line_failure(["--control", "no-such-host.invalid:7070"], 1)
+    # TEST-NET-1: an address no interface of this machine has.
+    assert "Cannot assign" in one_line_failure(["--control", "192.0.2.1:7070"], 1)
+
+
+def test_unusable_token_files_are_one_line(tmp_path: Path) -> None:
+    assert "Is a directory" in one_line_failure(["--admin-token-file", str(tmp_path)])
+    binary = tmp_path / "binary.token"
+    binary.write_bytes(b"\xff\xfe\x00")
+    assert "not UTF-8" in one_line_failure(["--admin-token-file", str(binary)])
+    spaced = tmp_path / "spaced.token"
+    spaced.write_text("two words")
+    assert "printable ASCII" in one_line_failure(["--read-token-file", str(spaced)])
+    missing = tmp_path / "missing.token"
+    assert "No such file" in one_line_failure(["--admin-token-file", str(missing)])
+
+
+# ---- item 6: IPv6 loopback is loopback ----------------------------------------------------
+
+
+def test_admin_calls_from_ipv6_loopback(tmp_path: Path) -> None:
+    with running(addr=f"[::1]:{free_port()}") as (addr, _):
+        out = pfctl(addr, "-F", "states")
+        assert out.returncode == 0 and "0 states cleared" in out.stderr, out.stderr
+
+
+# ---- item 7: one range for the state limit ---------------------------------------------------
+
+
+def test_limit_states_flag_has_the_sysctl_range() -> None:
+    assert "limit_states" in one_line_failure(["--limit-states", "10000000000"])
+    assert "limit_states" in one_line_failure(["--limit-states", "0"])
+    with running("--limit-states", str((1 << 31) - 1)) as (addr, _):
+        out = pfctl(addr, "-s", "memory")
+        assert out.returncode == 0 and "2147483647" in out.stdout, out.stderr
+
+
+# ---- item 13: hostid in TOML, sysctl integers ----------------------------------------------
+
+
+def test_toml_hostid_integer_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text("hostid = 12345\n")
+    line = one_line_failure(["--config", str(config)])
+    assert 'hostid = "3039"' in line  # says how to write it
+    config.write_text('hostid = "3039"\n')
+    with running("--config", str(config)) as (addr, _):
+        assert int(info(addr)["hostid"]) == 0x3039
+
+
+def test_sysctl_integers_are_ascii_and_errors_short() -> None:
+    with running() as (addr, _):
+        base = [BIN / "pfsysctl", "-N", addr, "-w"]
+        arabic = subprocess.run(
+            [*base, "net.pf.limit.states=\u0661\u0662\u0663"], capture_output=True, text=True
+        )
+        assert arabic.returncode == 2 and "is not an integer" in arabic.stderr
+        huge = subprocess.run(
+            [*base, "net.pf.limit.states=" + "9" * 5000], capture_output=True, text=True
+        )
+        assert huge.returncode == 2 and "..." in huge.stderr and len(huge.stderr) < 200
+        big = subprocess.run(
+            [*base, "net.pf.limit.states=" + "9" * 1000], capture_output=True, text=True
+        )
+        assert big.returncode == 2 and "out of range" in big.stderr and len(big.stderr) < 200
+        under = subprocess.run([*base, "net.pf.limit.states=1_000"], capture_output=True, text=True)
+        assert under.returncode == 2
+        ok = subprocess.run([*base, "net.pf.limit.states=0x100"], capture_output=True, text=True)
+        assert ok.returncode == 0 and "-> 256" in ok.stdout
