@@ -4,11 +4,12 @@ beyond translating between the table and the wire contract)."""
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import AsyncIterator
+import math
 
 import grpc
 
 from pfsync.admin import require_admin
+from pfsync.listing import YIELD_CHECK, Lease, ListingGate
 from pfsync.node import MALFORMED, Node
 from pfsync.v1 import control_pb2 as pb
 from pfsync.v1 import control_pb2_grpc
@@ -56,10 +57,15 @@ def state_to_pb(node: Node, st: State, now: float) -> pb.State:
         dst=peer_to_pb(st.dst),
         timeout=tmo.name_of(st.timeout),
         age_seconds=max(0, int(now - st.creation)),
-        expires_in=max(0, int(node.table.expires_at(st) - now + 0.999)),
+        expires_in=_expires_in(node.table.expires_at(st), now),
         rule=NO_RULE,
         nosync=bool(st.flags & FLAG_NOSYNC),
     )
+
+
+def _expires_in(expires: float, now: float) -> int:
+    # A state unlinked while a listing runs expires at -inf: it is due now, not an error.
+    return max(0, int(expires - now + 0.999)) if math.isfinite(expires) else 0
 
 
 def vestigial_to_pb(rec: Vestigial, now: float) -> pb.State:
@@ -111,15 +117,20 @@ class ControlService(control_pb2_grpc.ControlServicer):
     def __init__(self, node: Node, admin_token: str | None = None) -> None:
         self.node = node
         self.admin_token = admin_token
+        self.listings = ListingGate()
 
     async def _require_admin(self, context: grpc.aio.ServicerContext) -> None:
         await require_admin(context, self.admin_token)
 
     async def ListStates(
         self, request: pb.ListStatesRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.StatesChunk]:
+    ) -> None:
         if request.address and len(request.address) not in (4, 16):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "address must be 4 or 16 bytes")
+        async with self.listings.slot(context) as lease:
+            await self._list_states(request, lease)
+
+    async def _list_states(self, request: pb.ListStatesRequest, lease: Lease) -> None:
         node = self.node
         creatorid = request.creatorid or node.hostid
         if request.id:
@@ -135,10 +146,15 @@ class ControlService(control_pb2_grpc.ControlServicer):
                 if not request.id or (rec.id, rec.creatorid) == (request.id, creatorid)
             ]
         now = node.clock()
+        expires_at = node.table.expires_at
         chunk: list[pb.State] = []
-        for item in [*states, *records]:
+        for n, item in enumerate([*states, *records], 1):
+            if n % YIELD_CHECK == 0:
+                await lease.pace()  # let other calls in: a listing is long
             is_state = isinstance(item, State)
             if is_state and request.proto and item.proto != request.proto:
+                continue
+            if is_state and expires_at(item) == -math.inf:  # left the table meanwhile
                 continue
             if request.address:
                 sa, _, da, _ = keys.unpack(item.key)
@@ -150,10 +166,10 @@ class ControlService(control_pb2_grpc.ControlServicer):
                 else vestigial_to_pb(item, now)
             )  # type: ignore[arg-type]
             if len(chunk) == CHUNK:
-                yield pb.StatesChunk(states=chunk)
+                await lease.send(pb.StatesChunk(states=chunk))
                 chunk = []
         if chunk:
-            yield pb.StatesChunk(states=chunk)
+            await lease.send(pb.StatesChunk(states=chunk))
 
     async def GetInfo(
         self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext
