@@ -32,6 +32,7 @@ from grpc_reflection.v1alpha import reflection
 from pfsync.admin import ReadAccess
 from pfsync.config import ConfigError, NodeConfig, load_config, read_token_file
 from pfsync.control import ControlService
+from pfsync.logs import limit_grpc_call_errors
 from pfsync.netif import local_networks, parse_networks
 from pfsync.node import Node
 from pfsync.sysctl import SysctlError
@@ -431,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         format=f"{PROG}: %(message)s",
         stream=sys.stderr,
     )
+    limit_grpc_call_errors()  # a malformed request per call must not flood the log
     try:
         return asyncio.run(
             serve(config, exit_after_replay, _reloader(args, config_file, sysctl_flags))

@@ -280,3 +280,25 @@ def test_getinfo_stays_fast_under_listing_load() -> None:
         )
         assert latencies[-1] < 0.1, latencies[-5:]
         assert proc.poll() is None
+
+
+# ---- item 12: malformed protobuf requests ----------------------------------------------------
+
+
+def test_malformed_requests_log_one_line_rate_limited() -> None:
+    """Was a multi-line server traceback per request: a log flood any client could cause."""
+    with running() as (addr, proc):
+        with grpc.insecure_channel(addr) as channel:
+            raw = channel.unary_unary(
+                "/pfsync.v1.Control/GetInfo", request_serializer=None, response_deserializer=None
+            )
+            for _ in range(200):
+                with pytest.raises(grpc.RpcError):
+                    raw(b"\xff\xff\xff\xff\x0f", timeout=5)  # a varint that never ends
+        assert int(info(addr)["hostid"]) > 0  # still serving
+        proc.terminate()
+        assert proc.wait(10) == 0
+        log = proc.stderr.read().splitlines()
+    reports = [line for line in log if "DecodeError" in line]
+    assert 1 <= len(reports) <= 5, log
+    assert not any("Traceback" in line for line in log)
