@@ -114,6 +114,8 @@ def resolve_hosts(spec: str) -> list[pb.AddressMatch]:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM, flags=flags)
     except socket.gaierror as exc:
         raise ToolError(f"{spec}: {exc.strerror}") from None
+    except UnicodeError:  # the idna codec: an empty or over-long label ("a..b")
+        raise UsageError(f"{spec}: not a valid host name") from None
     prefix_len: int | None = None
     if has_prefix:
         # The first result's family bounds the prefix, as in pfctl.

@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 
 from pfsync.sync.engine import DEFER_SECONDS, SyncEngine
+from pfsync.tls import peer_names
 from pfsync.v1 import sync_pb2 as pb
 from pfsync.v1 import sync_pb2_grpc
 
@@ -56,34 +57,6 @@ BACKOFF_MAX = 5.0
 STOP_DRAIN_SECONDS = 2.0
 
 
-class TlsFiles:
-    """PEM material for mTLS between peers (``--tls-cert``, ``--tls-key``, ``--tls-ca``)."""
-
-    def __init__(self, cert: bytes, key: bytes, ca: bytes) -> None:
-        self.cert, self.key, self.ca = cert, key, ca
-
-    def server(self) -> grpc.ServerCredentials:
-        """Listener credentials: peers must present a certificate signed by the CA."""
-        return grpc.ssl_server_credentials(
-            [(self.key, self.cert)], root_certificates=self.ca, require_client_auth=True
-        )
-
-    def channel(self) -> grpc.ChannelCredentials:
-        """Dialer credentials: our certificate, and the CA that must sign the peer's."""
-        return grpc.ssl_channel_credentials(
-            root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
-        )
-
-
-def peer_names(context: grpc.aio.ServicerContext[Any, Any]) -> list[str]:
-    """The names (CN and SANs) in the certificate a peer presented."""
-    auth = context.auth_context()
-    names: list[str] = []
-    for prop in ("x509_common_name", "x509_subject_alternative_name"):
-        names += [v.decode(errors="replace") for v in auth.get(prop, [])]
-    return names
-
-
 class SyncDriver(sync_pb2_grpc.SyncServiceServicer):
     """Runs the engine for a node: its streams, its timers, its readiness."""
 
@@ -93,7 +66,7 @@ class SyncDriver(sync_pb2_grpc.SyncServiceServicer):
         publish: Callable[[], None],
         clock: Callable[[], float],
         peers: Sequence[str] = (),
-        tls: TlsFiles | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
         allow: Sequence[str] = (),
         on_ready: Callable[[bool], None] | None = None,
         listen_address: str = "",
@@ -105,7 +78,8 @@ class SyncDriver(sync_pb2_grpc.SyncServiceServicer):
         self._publish = publish
         self.clock = clock
         self.peer_addresses = list(peers)
-        self.tls = tls
+        # Dialing: TLS credentials (None: plain text); listening: names allowed to sync.
+        self.credentials = credentials
         self.allow = set(allow)
         self._on_ready = on_ready
         self._wake: dict[str, asyncio.Event] = {}
@@ -225,8 +199,8 @@ class SyncDriver(sync_pb2_grpc.SyncServiceServicer):
     # ---- dialing -------------------------------------------------------------------------
 
     def _channel(self, addr: str) -> grpc.aio.Channel:
-        if self.tls is not None:
-            return grpc.aio.secure_channel(addr, self.tls.channel(), options=CHANNEL_OPTIONS)
+        if self.credentials is not None:
+            return grpc.aio.secure_channel(addr, self.credentials, options=CHANNEL_OPTIONS)
         return grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
 
     async def _dial(self, addr: str) -> None:
@@ -268,7 +242,7 @@ class SyncDriver(sync_pb2_grpc.SyncServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.ExchangeResponse]:
         """A peer dialed us: run the stream until either side closes it."""
-        if self.tls is not None and self.allow:
+        if self.allow:
             names = peer_names(context)
             if not self.allow.intersection(names):
                 self.engine.stats.count("badauth")
