@@ -347,6 +347,24 @@ class SyncEngine:
         touched = self._peer_touched
         digest = self.digest
         for ch in changes:
+            if type(ch) is StateUpdated:
+                st = ch.state
+                if st.flags & FLAG_NOSYNC:
+                    continue
+                if ch.old_src != ch.new_src or ch.old_dst != ch.new_dst:
+                    sid, creator, key = st.id, st.creatorid, st.key
+                    digest.replace(
+                        state_hash(sid, creator, key, st.proto, ch.old_src, ch.old_dst),
+                        state_hash(sid, creator, key, st.proto, ch.new_src, ch.new_dst),
+                    )
+                if ch.origin == Origin.PEER:
+                    touched[st] = now
+                    self._release(st.id, st.creatorid)
+                    continue
+                # A local transition (SYN|ACK, FIN, ...) is an update like any other
+                # packet's: it counts towards maxupd, and leaves at once if a peer just
+                # changed the state. On to the packet case below.
+                ch = st
             if type(ch) is State:
                 # The hot case: a packet moved windows/counters/expiry of a state.
                 if ch.flags & FLAG_NOSYNC:
@@ -362,34 +380,6 @@ class SyncEngine:
                     if code >= maxupd:
                         self._urgent = True
                 if touched and ch in touched and now - touched[ch] < PEER_RECENT_SECONDS:
-                    self._urgent = True
-            elif type(ch) is StateUpdated:
-                st = ch.state
-                if st.flags & FLAG_NOSYNC:
-                    continue
-                if ch.old_src != ch.new_src or ch.old_dst != ch.new_dst:
-                    sid, creator, key = st.id, st.creatorid, st.key
-                    digest.replace(
-                        state_hash(sid, creator, key, st.proto, ch.old_src, ch.old_dst),
-                        state_hash(sid, creator, key, st.proto, ch.new_src, ch.new_dst),
-                    )
-                if ch.origin == Origin.PEER:
-                    touched[st] = now
-                    self._release(st.id, st.creatorid)
-                    continue
-                # A transition (SYN|ACK, FIN, ...) is an update like any other packet's:
-                # it counts towards maxupd and leaves at once if a peer just changed it.
-                code = pending.get(st)
-                if code is None:
-                    pending[st] = _UPD_C | _COUNT
-                    if self._first_change is None:
-                        self._first_change = now
-                elif st.proto == 6:
-                    code += _COUNT
-                    pending[st] = code
-                    if code >= maxupd:
-                        self._urgent = True
-                if touched and st in touched and now - touched[st] < PEER_RECENT_SECONDS:
                     self._urgent = True
             elif type(ch) is StateInserted:
                 st = ch.state
@@ -792,6 +782,7 @@ class SyncEngine:
                 link.resume_epoch = hello.epoch if known else 0
                 link.resume_sequence = link.applied
         link.creatorid, link.epoch = hello.creatorid, hello.epoch
+        link.last_error = ""  # the stream works again; what failed before is history
         for other in list(self.peers.values()):
             if other is link or not other.connected or other.creatorid != hello.creatorid:
                 continue
