@@ -11,12 +11,14 @@ Every node a NodeSet started is killed when the block ends, whatever happened in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -27,7 +29,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pfsync.pcap import read_capture
 from pfsync.v1 import control_pb2 as pb
-from pfsync.v1 import control_pb2_grpc
+from pfsync.v1 import control_pb2_grpc, sysctl_pb2_grpc
+from pfsync.v1 import sysctl_pb2 as spb
 from tools.client import message_to_dict
 
 BIN = Path(sys.executable).parent
@@ -210,6 +213,12 @@ class SyncNode:
     def ready(self) -> bool:
         return bool(self.status()["ready"])
 
+    def stat(self, field: str) -> int:
+        """One field of net.inet.pfsync.stats (GetSysctl)."""
+        stub = sysctl_pb2_grpc.SysctlServiceStub(self.channel())
+        node = stub.GetSysctl(spb.GetSysctlRequest(name="net.inet.pfsync.stats"), timeout=10)
+        return next(f.value for f in node.node.fields.fields if f.name == field)
+
     def count_states(self) -> int:
         """States plus TIME_WAIT records (ListStates)."""
         stub = control_pb2_grpc.ControlServiceStub(self.channel())
@@ -336,3 +345,114 @@ def close_all(socks: Iterable[socket.socket]) -> None:
     for sock in socks:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
         sock.close()
+
+
+def flow_of(frame: bytes) -> tuple[int, frozenset[tuple[bytes, int]]] | None:
+    """The connection an Ethernet frame belongs to (either direction), or None."""
+    ethertype = int.from_bytes(frame[12:14], "big")
+    ip = frame[14:]
+    if ethertype == 0x0800:
+        proto, src, dst, l4 = ip[9], ip[12:16], ip[16:20], ip[(ip[0] & 0x0F) * 4 :]
+    elif ethertype == 0x86DD:
+        proto, src, dst, l4 = ip[6], ip[8:24], ip[24:40], ip[40:]
+    else:
+        return None
+    if proto in (6, 17):
+        ports = (int.from_bytes(l4[0:2], "big"), int.from_bytes(l4[2:4], "big"))
+    else:
+        ports = (int.from_bytes(l4[4:6], "big"), 0)  # ICMP echo id
+    return proto, frozenset({(src, ports[0]), (dst, ports[1])})
+
+
+def split_flows(frames: Iterable[bytes]) -> list[list[bytes]]:
+    """Frames grouped by connection, each group in capture order."""
+    flows: dict[object, list[bytes]] = {}
+    for frame in frames:
+        flows.setdefault(flow_of(frame), []).append(frame)
+    return [group for key, group in flows.items() if key is not None]
+
+
+def client_side(frame: bytes, first: bytes) -> bool:
+    """Whether ``frame`` travels in the direction of ``first`` (its flow's first frame)."""
+    ethertype = int.from_bytes(frame[12:14], "big")
+    span = slice(26, 30) if ethertype == 0x0800 else slice(22, 38)
+    return frame[span] == first[span]
+
+
+class LinkCut:
+    """A TCP relay standing for the network between two peers: the test cuts it (every
+    connection through it closes and new ones are refused) and mends it."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self._up = threading.Event()
+        self._stop = threading.Event()
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> LinkCut:
+        self.mend()
+        self._thread.start()
+        assert self._ready.wait(5)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self.cut()
+        self._thread.join(5)
+
+    def cut(self) -> None:
+        """Close every relayed connection; new ones are closed as they arrive."""
+        self._up.clear()
+        with self._lock:
+            for sock in self._conns:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            self._conns.clear()
+
+    def mend(self) -> None:
+        """Relay connections again."""
+        self._up.set()
+
+    def _serve(self) -> None:
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", self.port))
+            listener.listen(16)
+            listener.settimeout(0.05)
+            self._ready.set()
+            while not self._stop.is_set():
+                try:
+                    inside, _ = listener.accept()
+                except (TimeoutError, OSError):
+                    continue
+                if not self._up.is_set():
+                    inside.close()
+                    continue
+                try:
+                    outside = socket.create_connection(self.target, timeout=2)
+                except OSError:
+                    inside.close()
+                    continue
+                outside.settimeout(None)
+                inside.settimeout(None)
+                with self._lock:
+                    self._conns += [inside, outside]
+                for one, other in ((inside, outside), (outside, inside)):
+                    threading.Thread(target=_pipe, args=(one, other), daemon=True).start()
+
+
+def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)

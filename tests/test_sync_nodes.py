@@ -6,6 +6,7 @@ fed through ControlService.Inject (tests/syncnodes.py has the helpers)."""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,12 +15,17 @@ from grpc_health.v1 import health_pb2
 
 from tests import traffic
 from tests.syncnodes import (
+    LinkCut,
     NodeSet,
+    SyncNode,
     capture_frames,
+    client_side,
     close_all,
     converged,
     established,
     frames_only,
+    free_port,
+    split_flows,
     sync_report,
     wait_for,
 )
@@ -80,3 +86,206 @@ def test_two_nodes_converge_on_real_traffic(nodes: NodeSet, kernel_frames: list[
         b.counter("state-mismatch") == 0
         and b.info()["current_entries"] == a.info()["current_entries"]
     )
+
+
+def test_bulk_update_before_ready(nodes: NodeSet, kernel_frames: list[bytes]) -> None:
+    """A node started next to a peer that holds states is not ready (health NOT_SERVING,
+    pfctl -s sync says it waits) until the bulk update ends; then it holds every state."""
+    a = nodes.make("a", "a0000001").start()
+    a.inject(kernel_frames)
+    held = a.count_states()
+    assert held > 10
+    a.signal(signal.SIGSTOP)  # A cannot answer yet: B must say it waits
+    b = nodes.make("b", "b0000002", ["--peer", a.sync]).start()
+    status = b.sync_status()
+    assert not status["ready"] and "waiting for a bulk update" in status["ready_reason"]
+    text = b.pfctl("-s", "sync").stdout
+    assert "NOT ready" in text.splitlines()[0] and "waiting for a bulk update" in text
+    assert b.health() == NOT_SERVING
+    a.signal(signal.SIGCONT)
+    wait_for(b.ready, 15, what="B ready", detail=lambda: sync_report([a, b]))
+    assert b.health() == SERVING
+    assert b.count_states() == held
+    assert b.stats()["input.bus"] == 2  # START and END
+    assert b.listing() == a.listing()
+
+
+@pytest.mark.slow
+def test_peer_down_retries_then_gives_up(nodes: NodeSet) -> None:
+    """With its only peer down a node asks for a bulk update every 2 s, 12 times, and
+    says so; then it gives up waiting and reports ready."""
+    nowhere = f"127.0.0.1:{free_port()}"
+    b = nodes.make("b", "b0000002", ["--peer", nowhere]).start()
+    first = wait_for(
+        lambda: "attempt" in (r := b.status()["ready_reason"]) and r, 5, what="an attempt"
+    )
+    assert not b.ready() and b.health() == NOT_SERVING
+    start = int(first.split("attempt ")[1].split()[0])
+    later = wait_for(
+        lambda: (
+            (r := b.status()["ready_reason"]).startswith("waiting")
+            and int(r.split("attempt ")[1].split()[0]) >= start + 2
+            and r
+        ),
+        8,
+        what="two more attempts",
+    )
+    assert later.endswith("of 12)")
+    gave_up = wait_for(b.ready, 30, interval=0.5, what="give-up")
+    assert gave_up
+    assert b.status()["ready_reason"] == "gave up waiting for a bulk update"
+    assert b.health() == SERVING
+    assert "gave up" in b.pfctl("-s", "sync").stdout
+
+
+def test_failover_then_restarted_node_gets_bulk(nodes: NodeSet, kernel_frames: list[bytes]) -> None:
+    """First half of every flow into A, kill -9 A, the rest into B: B tracks the flows
+    as well as one node that saw everything; A restarted empty is ready only with B's
+    whole table."""
+    flows = split_flows(kernel_frames)
+    first = [f for flow in flows for f in flow[: len(flow) // 2]]
+    rest = [f for flow in flows for f in flow[len(flow) // 2 :]]
+    alone = nodes.make("alone", "c0000003").start()
+    alone.inject(kernel_frames)
+    a, b = nodes.mesh(2)
+    wait_for(lambda: a.ready() and b.ready(), what="ready")
+    a.inject(first)
+    wait_for(
+        lambda: converged([a, b]), 15, what="B has A's half", detail=lambda: sync_report([a, b])
+    )
+    a.kill()
+    b.inject(rest)
+    assert b.counter("state-mismatch") <= alone.counter("state-mismatch")
+    assert b.info()["current_entries"] == alone.info()["current_entries"]
+    assert b.count_states() == alone.count_states()
+
+    a.start(wait=False)
+    wait_for(a._answers, 20, what="A's control API")
+    while not a.ready():  # every time A is asked before it is ready, it must say so
+        assert a.health() == NOT_SERVING
+    assert a.count_states() == b.count_states()
+    assert a.listing() == b.listing()
+    assert a.stats()["input.bus"] >= 2
+
+
+def frames_made(node: SyncNode) -> int:
+    """Actions the node put in frames so far (frames are built even with no peer up)."""
+    return sum(node.stat(f"output.{action}") for action in ("ins", "upd_c", "vtw", "del_c"))
+
+
+def test_cut_stream_resumes_from_replay_log(nodes: NodeSet, kernel_frames: list[bytes]) -> None:
+    """A short cut of the network between A and B: B catches up from A's replay log, no
+    bulk update; a cut with more frames than net.pfsync.replay_log falls back to one."""
+    flows = split_flows(kernel_frames)
+    b = nodes.make("b", "b0000002").start()
+    a = nodes.make("a", "a0000001", ["--sysctl", "net.pfsync.replay_log=8"])
+    with LinkCut(b.sync) as link:
+        a.start("--peer", link.address)
+        wait_for(lambda: a.ready() and b.ready(), what="ready")
+        a.inject(flows[0])
+        wait_for(lambda: converged([a, b]), what="first flow synced")
+        before_a, before_b = a.stats(), b.stats()
+
+        link.cut()
+        wait_for(lambda: not a.status()["peers"][0]["connected"], what="A sees the cut")
+        for flow in flows[1:4]:  # three frames: fewer than the log holds
+            a.inject(flow)
+        link.mend()
+        wait_for(lambda: converged([a, b]), 20, what="resume", detail=lambda: sync_report([a, b]))
+        after_a, after_b = a.stats(), b.stats()
+        assert after_a["replay_log.hits"] > before_a["replay_log.hits"]
+        assert after_a["bulk_fallbacks"] == before_a["bulk_fallbacks"]
+        assert after_b["input.bus"] == before_b["input.bus"]
+        assert a.listing() == b.listing()
+
+        link.cut()
+        wait_for(lambda: not a.status()["peers"][0]["connected"], what="A sees the cut")
+        for flow in flows[4:]:  # a frame per flow (each waits for the last): more than 8
+            made = frames_made(a)
+            a.inject(flow)
+            wait_for(lambda n=made: frames_made(a) > n, 5, 0.01, what="a frame")
+        assert len(flows[4:]) > 8
+        link.mend()
+        wait_for(lambda: converged([a, b]), 20, what="bulk", detail=lambda: sync_report([a, b]))
+        final_a, final_b = a.stats(), b.stats()
+        assert final_a["bulk_fallbacks"] > after_a["bulk_fallbacks"]
+        assert final_b["input.bus"] > after_b["input.bus"]
+        assert a.listing() == b.listing()
+
+
+def test_three_node_mesh_converges(nodes: NodeSet, kernel_frames: list[bytes]) -> None:
+    """Three nodes each dialing the other two (pairs dialed both ways): traffic into
+    each of them ends in one table on all three."""
+    trio = nodes.mesh(3)
+    wait_for(lambda: all(n.ready() for n in trio), what="ready")
+    flows = split_flows(kernel_frames)
+    for i, node in enumerate(trio):
+        node.inject([f for flow in flows[i::3] for f in flow])
+    wait_for(lambda: converged(trio), 20, what="mesh", detail=lambda: sync_report(trio))
+    listings = [n.listing() for n in trio]
+    assert listings[0] == listings[1] == listings[2]
+    for node in trio:
+        assert any(f"creatorid: {node.hostid}" in block for block in listings[0])
+        up = [p for p in node.status()["peers"] if p["connected"]]
+        assert len(up) == 2  # one stream per pair, the duplicate dropped
+
+
+def test_asymmetric_path_is_repaired(nodes: NodeSet, kernel_frames: list[bytes]) -> None:
+    """Each connection's client side goes through A and its server side through B (an
+    asymmetric path), packet by packet without waiting for sync: updates arrive stale or
+    out of order, and the tables still end identical."""
+    defer = ["--sysctl", "net.pfsync.defer=1"]  # a new state reaches the peer first
+    a, b = nodes.mesh(2, defer)
+    wait_for(lambda: a.ready() and b.ready(), what="ready")
+    flows = [f for f in split_flows(kernel_frames) if len(f) < 100]  # no bulk transfer
+    for flow in flows:
+        for frame in flow:
+            (a if client_side(frame, flow[0]) else b).inject([frame])
+    wait_for(lambda: converged([a, b]), 20, what="repair", detail=lambda: sync_report([a, b]))
+    assert a.listing() == b.listing()
+    assert a.count_states() == b.count_states() > 0
+
+
+def test_sync_settings_at_run_time(nodes: NodeSet) -> None:
+    """net.pfsync.maxupd and flush_ms are set at run time and read back; out-of-range
+    values are refused in one line with exit 2."""
+    a = nodes.make("a", "a0000001").start()
+    done = a.sysctl("net.pfsync.maxupd=4", "net.pfsync.flush_ms=50")
+    assert done.returncode == 0, done.stderr
+    assert a.tool("pfsysctl", "-n", "net.pfsync.maxupd").stdout.strip() == "4"
+    assert a.tool("pfsysctl", "-n", "net.pfsync.flush_ms").stdout.strip() == "50"
+    assert "maxupd 4  flush 50ms" in a.pfctl("-s", "sync").stdout
+    for bad in ("net.pfsync.maxupd=256", "net.pfsync.flush_ms=0", "net.pfsync.flush_ms=1001"):
+        refused = a.sysctl(bad)
+        assert refused.returncode == 2
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        assert "Traceback" not in refused.stderr
+    assert a.tool("pfsysctl", "-n", "net.pfsync.maxupd").stdout.strip() == "4"
+
+
+def test_sigterm_flushes_pending_changes(nodes: NodeSet, kernel_frames: list[bytes]) -> None:
+    """SIGTERM with changes still waiting for their flush: A sends them, exits 0, and B
+    holds them."""
+    a, b = nodes.mesh(2, ["--sysctl", "net.pfsync.flush_ms=1000"])
+    wait_for(lambda: converged([a, b]), what="ready and quiet")
+    a.inject(kernel_frames)
+    expected = a.listing()
+    assert a.terminate() == 0
+    assert b.listing() == expected
+
+
+def test_kill_9_of_a_peer_is_survived(nodes: NodeSet, kernel_frames: list[bytes]) -> None:
+    """kill -9 of B: A keeps serving and tracking; B restarted gets A's table and A's
+    stream to it comes back."""
+    flows = split_flows(kernel_frames)
+    a, b = nodes.mesh(2)
+    wait_for(lambda: a.ready() and b.ready(), what="ready")
+    a.inject(flows[0])
+    b.kill()
+    reply = a.inject([f for flow in flows[1:] for f in flow])
+    assert reply.errors == 0 and a.alive
+    assert a.health() == SERVING and a.ready()
+    wait_for(lambda: not any(p["connected"] for p in a.status()["peers"]), what="A sees B go")
+    b.start()
+    wait_for(lambda: converged([a, b]), 20, what="reconnect", detail=lambda: sync_report([a, b]))
+    assert b.listing() == a.listing()
