@@ -73,6 +73,7 @@ def wait_for(
 
 # "age 00:00:01, expires in 00:00:29, " differs between two nodes by the time they read it.
 _TIMES = re.compile(r"age \d+:\d\d:\d\d, expires in \d+:\d\d:\d\d, ")
+_COUNTS = re.compile(r"\d+:\d+ pkts, \d+:\d+ bytes")
 
 
 class SyncNode:
@@ -176,13 +177,18 @@ class SyncNode:
         """States plus TIME_WAIT records, as listed by ``pfctl -s states``."""
         return len(json.loads(self.pfctl("-s", "states", "--json").stdout)["states"])
 
-    def listing(self) -> list[str]:
+    def listing(self, counters: bool = True) -> list[str]:
         """``pfctl -s states -vv``, one block per state, sorted, without the two times
-        that depend on the moment of reading (age, expires in)."""
+        that depend on the moment of reading (age, expires in). ``counters=False`` drops
+        the packet and byte counts too: pfsync's compressed updates carry none, so each
+        node counts the packets it saw itself, as pf does."""
         blocks: list[str] = []
         for line in self.pfctl("-s", "states", "-vv").stdout.splitlines():
             if line.startswith("   ") and blocks:
-                blocks[-1] += "\n" + _TIMES.sub("", line)
+                line = _TIMES.sub("", line)
+                if not counters:
+                    line = _COUNTS.sub("", line)
+                blocks[-1] += "\n" + line
             elif line.strip():
                 blocks.append(line)
         return sorted(blocks)

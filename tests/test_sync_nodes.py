@@ -242,7 +242,8 @@ def test_asymmetric_path_is_repaired(nodes: NodeSet, kernel_frames: list[bytes])
         for frame in flow:
             (a if client_side(frame, flow[0]) else b).inject([frame])
     wait_for(lambda: converged([a, b]), 20, what="repair", detail=lambda: sync_report([a, b]))
-    assert a.listing() == b.listing()
+    # Each node counted the packets it saw (compressed updates carry no counters).
+    assert a.listing(counters=False) == b.listing(counters=False)
     assert a.count_states() == b.count_states() > 0
 
 
