@@ -24,6 +24,7 @@ import random
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from pfsync.sync.engine import DEFER_SECONDS, SyncEngine
 from pfsync.v1 import sync_pb2 as pb
@@ -201,6 +202,16 @@ class SyncDriver(sync_pb2_grpc.SyncServiceServicer):
 
     # ---- one stream's two directions ----------------------------------------------------
 
+    def _undecodable(self, name: str) -> str:
+        """A peer sent bytes that are no frame: count it (``badlen``: its lengths do not
+        fit its bytes); the caller ends that stream only."""
+        self.engine.stats.count("badlen")
+        error = "a frame that is not a SyncFrame message: stream closed"
+        link = self.engine.peers.get(name)
+        if link is not None:
+            link.last_error = error
+        return error
+
     def _receive(self, name: str, frame: pb.SyncFrame) -> None:
         self.engine.receive(name, frame, self.clock(), frame.ByteSize())
         self.pump()
@@ -242,6 +253,9 @@ class SyncDriver(sync_pb2_grpc.SyncServiceServicer):
                 call = stub.Exchange(requests)
                 try:
                     async for response in call:
+                        if response is None:  # grpc logged bytes it could not decode
+                            error = self._undecodable(addr)
+                            break
                         if backoff != BACKOFF_FIRST:
                             log.info("sync stream to %s up", addr)
                             backoff = BACKOFF_FIRST
@@ -285,8 +299,11 @@ class SyncDriver(sync_pb2_grpc.SyncServiceServicer):
             self._wake.pop(name, None)
 
     async def _read(self, name: str, requests: AsyncIterator[pb.ExchangeRequest]) -> None:
-        async for request in requests:
-            self._receive(name, request.frame)
+        try:
+            async for request in requests:
+                self._receive(name, request.frame)
+        except DecodeError:
+            self._undecodable(name)
 
     async def _outgoing_until(
         self, name: str, reader: asyncio.Future[None]
