@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
+from pfsync.v1 import sync_pb2 as spb
 from tests import traffic
 from tests.syncnodes import (
     LinkCut,
@@ -290,3 +293,133 @@ def test_kill_9_of_a_peer_is_survived(nodes: NodeSet, kernel_frames: list[bytes]
     b.start()
     wait_for(lambda: converged([a, b]), 20, what="reconnect", detail=lambda: sync_report([a, b]))
     assert b.listing() == a.listing()
+
+
+# ---- hostile peers ----------------------------------------------------------------------
+
+EXCHANGE = "/pfsync.v1.SyncService/Exchange"
+
+
+def hello(creatorid: int = 0xBAD0BAD0, version: int = 1) -> spb.SyncFrame:
+    return spb.SyncFrame(
+        sender=creatorid, hello=spb.Hello(version=version, creatorid=creatorid, epoch=7)
+    )
+
+
+def states(n: int, creatorid: int = 0xBAD0BAD0) -> spb.StateColumns:
+    """``n`` well-formed UDP states as columns."""
+    cols = spb.StateColumns()
+    cols.id.extend(range(1, n + 1))
+    cols.creatorid.extend([creatorid] * n)
+    cols.protocol.extend([17] * n)
+    cols.src_address.extend([bytes([10, 9, i >> 8 & 255, i & 255]) for i in range(n)])
+    cols.dst_address.extend([bytes([192, 0, 2, 1])] * n)
+    cols.src_port.extend([40000] * n)
+    cols.dst_port.extend([53] * n)
+    cols.direction.extend([1] * n)
+    cols.msl_class.extend([0] * n)
+    cols.timeout.extend([0] * n)
+    cols.expires_in_ms.extend([30000] * n)
+    cols.age_ms.extend([0] * n)
+    for peer in (cols.src, cols.dst):
+        for column in (peer.state, peer.seqlo, peer.seqhi, peer.max_win, peer.wscale):
+            column.extend([1] * n)
+        peer.wscale_seen.extend([False] * n)
+        peer.packets.extend([1] * n)
+        peer.bytes.extend([40] * n)
+    return cols
+
+
+def send_raw(node: SyncNode, messages: list[bytes]) -> str:
+    """Dial the node's SyncService and send ``messages`` as they are (raw bytes on the
+    stream, no serializer); returns how the stream ended."""
+    with grpc.insecure_channel(node.sync) as channel:
+        call = channel.stream_stream(EXCHANGE)(iter(messages), timeout=10)
+        try:
+            for _ in call:
+                pass
+        except grpc.RpcError as exc:
+            return str(exc.code())
+    return "OK"
+
+
+def frames(*items: spb.SyncFrame | bytes) -> list[bytes]:
+    return [
+        i if isinstance(i, bytes) else spb.ExchangeRequest(frame=i).SerializeToString()
+        for i in items
+    ]
+
+
+def test_hostile_peer_frames_are_counted_and_change_nothing(
+    nodes: NodeSet, kernel_frames: list[bytes]
+) -> None:
+    a, b = nodes.mesh(2)
+    wait_for(lambda: a.ready() and b.ready(), what="ready")
+    flows = split_flows(kernel_frames)
+    a.inject([f for flow in flows[:-1] for f in flow])
+    wait_for(lambda: converged([a, b]), what="synced")
+    table = a.listing()
+    before = a.stats()
+
+    send_raw(a, [b"\xff\xff\xff\xff garbage, not a protobuf message"])
+    send_raw(a, frames(hello(version=99), spb.SyncFrame(clear=[int(a.hostid, 16)])))
+    send_raw(a, frames(spb.SyncFrame(clear=[int(a.hostid, 16)]), spb.SyncFrame(inserts=states(3))))
+
+    uneven = states(5)
+    del uneven.creatorid[-1]
+    bad_value = states(5)
+    bad_value.timeout[2] = 99
+    bad_direction = states(50_000)
+    bad_direction.direction[-1] = 7
+    uneven_big = states(50_000)
+    del uneven_big.src.seqlo[-1]
+    unknown = spb.SyncFrame(inserts=states(2)).SerializeToString() + b"\xf8\x06\x01"  # field 111
+    send_raw(
+        a,
+        frames(
+            hello(),
+            spb.SyncFrame(inserts=uneven),
+            spb.SyncFrame(updates=bad_value),
+            spb.SyncFrame(inserts=bad_direction),
+            spb.SyncFrame(updates=uneven_big),
+            spb.ExchangeRequest(frame=spb.SyncFrame.FromString(unknown)).SerializeToString(),
+        ),
+    )
+    after = wait_for(
+        lambda: (s := a.stats())["badact"] > before["badact"] and s, what="the last frame counted"
+    )
+    assert after["badver"] == before["badver"] + 1
+    assert (
+        after["hdrops"] >= before["hdrops"] + 3
+    )  # the two frames after a bad hello, two before any
+    assert after["badlen"] == before["badlen"] + 3  # with the garbage
+    assert after["badval"] == before["badval"] + 2
+    assert after["badact"] == before["badact"] + 1
+    assert a.alive and a.listing() == table
+
+    # The real peer is still served.
+    a.inject(flows[-1])
+    wait_for(lambda: converged([a, b]), what="sync after the attack")
+    assert b.listing() == a.listing() != table
+
+
+def test_hostile_listener_does_not_stop_the_dialer(nodes: NodeSet) -> None:
+    """A node dials a "peer" that answers with bytes that are no frame: each stream is
+    counted (badlen) and dropped, and the node keeps redialing."""
+    port = free_port()
+
+    def garbage(requests: object, context: grpc.ServicerContext) -> Iterator[bytes]:
+        yield b"\xff\xff\xff\xff not a frame"
+
+    handler = grpc.method_handlers_generic_handler(
+        "pfsync.v1.SyncService", {"Exchange": grpc.stream_stream_rpc_method_handler(garbage)}
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(4), handlers=[handler])
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    try:
+        a = nodes.make("a", "a0000001", ["--peer", f"127.0.0.1:{port}"]).start()
+        wait_for(lambda: a.stat("badlen") >= 3, 15, what="three streams counted")
+        assert a.alive and "not a SyncFrame" in a.status()["peers"][0]["last_error"]
+    finally:
+        server.stop(None)
