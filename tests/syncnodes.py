@@ -462,3 +462,28 @@ def _pipe(src: socket.socket, dst: socket.socket) -> None:
     finally:
         with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)
+
+
+def _openssl(*args: str | Path) -> None:
+    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=30)
+
+
+def make_ca(workdir: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed CA made with the openssl CLI: (certificate, key)."""
+    cert, key = workdir / f"{name}.crt", workdir / f"{name}.key"
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-keyout", key, "-out", cert, "-days", "2", "-subj", f"/CN={name}")  # fmt: skip
+    return cert, key
+
+
+def make_cert(workdir: Path, ca: tuple[Path, Path], name: str) -> list[str]:
+    """A node certificate named ``name`` (CN and DNS SAN; IP SAN 127.0.0.1 so a dialer
+    can check the listener it reached) signed by ``ca``; the pfsyncd TLS flags to use it."""
+    cert, key, csr = (workdir / f"{name}.{ext}" for ext in ("crt", "key", "csr"))
+    ext = workdir / f"{name}.ext"
+    ext.write_text(f"subjectAltName=DNS:{name},IP:127.0.0.1\n")
+    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-keyout", key, "-out", csr, "-subj", f"/CN={name}")  # fmt: skip
+    _openssl("x509", "-req", "-in", csr, "-CA", ca[0], "-CAkey", ca[1], "-CAcreateserial",
+             "-out", cert, "-days", "2", "-extfile", ext)  # fmt: skip
+    return ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(ca[0])]

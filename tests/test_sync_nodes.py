@@ -7,6 +7,7 @@ fed through ControlService.Inject (tests/syncnodes.py has the helpers)."""
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -17,6 +18,7 @@ from grpc_health.v1 import health_pb2
 
 from pfsync.v1 import sync_pb2 as spb
 from tests import traffic
+from tests.packets import SYN, tcp, udp
 from tests.syncnodes import (
     LinkCut,
     NodeSet,
@@ -28,6 +30,8 @@ from tests.syncnodes import (
     established,
     frames_only,
     free_port,
+    make_ca,
+    make_cert,
     split_flows,
     sync_report,
     wait_for,
@@ -423,3 +427,77 @@ def test_hostile_listener_does_not_stop_the_dialer(nodes: NodeSet) -> None:
         assert a.alive and "not a SyncFrame" in a.status()["peers"][0]["last_error"]
     finally:
         server.stop(None)
+
+
+# ---- mTLS ---------------------------------------------------------------------------------
+
+
+def test_mtls_peers_sync_and_strangers_stay_out(
+    nodes: NodeSet, kernel_frames: list[bytes], tmp_path: Path
+) -> None:
+    """Two nodes with certificates of one CA sync; a node whose certificate another CA
+    signed never gets in; one with a good certificate but a name not in --peer-allow is
+    refused and counted as badauth. Neither outsider learns a state or changes A's."""
+    ca = make_ca(tmp_path, "pfsync-ca")
+    a = nodes.make("a", "a0000001")
+    b = nodes.make("b", "b0000002")
+    a.args += [*make_cert(tmp_path, ca, "node-a"), "--peer-allow", "node-b"]
+    a.args += ["--peer", b.sync]
+    b.args += [*make_cert(tmp_path, ca, "node-b"), "--peer-allow", "node-a"]
+    b.args += ["--peer", a.sync]
+    a.start(), b.start()
+    wait_for(lambda: a.ready() and b.ready(), what="ready")
+    a.inject(kernel_frames)
+    wait_for(lambda: converged([a, b]), what="TLS sync", detail=lambda: sync_report([a, b]))
+    assert a.listing() == b.listing()
+    table = a.listing()
+    badauth = a.stat("badauth")
+
+    other_ca = make_ca(tmp_path, "other-ca")
+    stranger = nodes.make("stranger", "c0000003")
+    stranger.args += [*make_cert(tmp_path, other_ca, "node-b"), "--peer", a.sync]
+    intruder = nodes.make("intruder", "d0000004")
+    intruder.args += [*make_cert(tmp_path, ca, "intruder"), "--peer", a.sync]
+    stranger.start(), intruder.start()
+    wait_for(lambda: a.stat("badauth") > badauth, what="the intruder refused")
+    for outsider in (stranger, intruder):
+        wait_for(lambda o=outsider: o.status()["peers"][0]["last_error"], what="a refusal")
+    for outsider in (stranger, intruder):
+        peer = outsider.status()["peers"][0]
+        assert not peer["connected"], peer
+        assert outsider.count_states() == 0 and not outsider.ready()
+    assert a.listing() == table
+    assert [p["creatorid"] for p in a.status()["peers"] if p["connected"]] == [b.hostid]
+    # A new state still reaches the allowed peer.
+    a.inject([udp("192.0.2.77", "198.51.100.1", 5353, 53, b"q")])
+    wait_for(lambda: converged([a, b]), what="sync after the refusals")
+    assert stranger.count_states() == intruder.count_states() == 0
+
+
+# ---- deferral -----------------------------------------------------------------------------
+
+
+def test_deferral_waits_for_the_peer(nodes: NodeSet) -> None:
+    """net.pfsync.defer=1: Inject of a SYN returns once B acknowledged the new state (B
+    holds it when the reply arrives); with B stopped the reply still comes after the
+    20 ms deferral, not later."""
+    a, b = nodes.mesh(2, ["--sysctl", "net.pfsync.defer=1"])
+    wait_for(lambda: converged([a, b]), what="ready and quiet")
+    for port in range(41000, 41010):
+        reply = a.inject([tcp("192.0.2.1", "198.51.100.7", port, 443, SYN, 1000, 0)])
+        assert reply.passed == 1
+        assert b.count_states() == port - 41000 + 1  # read at once: no waiting here
+    assert a.stat("deferred") == 10
+    assert a.stat("defer_timeouts") == 0
+
+    b.signal(signal.SIGSTOP)
+    try:
+        timeouts = a.stat("defer_timeouts")
+        start = time.monotonic()
+        reply = a.inject([tcp("192.0.2.1", "198.51.100.7", 42000, 443, SYN, 1000, 0)])
+        elapsed = time.monotonic() - start
+        assert reply.passed == 1
+        assert 0.018 <= elapsed < 0.25, elapsed
+        assert a.stat("defer_timeouts") == timeouts + 1
+    finally:
+        b.signal(signal.SIGCONT)
