@@ -145,6 +145,7 @@ def test_peer_down_retries_then_gives_up(nodes: NodeSet) -> None:
     assert "gave up" in b.pfctl("-s", "sync").stdout
 
 
+@pytest.mark.slow
 def test_failover_then_restarted_node_gets_bulk(nodes: NodeSet, kernel_frames: list[bytes]) -> None:
     """First half of every flow into A, kill -9 A, the rest into B: B tracks the flows
     as well as one node that saw everything; A restarted empty is ready only with B's
@@ -180,6 +181,7 @@ def frames_made(node: SyncNode) -> int:
     return sum(node.stat(f"output.{action}") for action in ("ins", "upd_c", "vtw", "del_c"))
 
 
+@pytest.mark.slow
 def test_cut_stream_resumes_from_replay_log(nodes: NodeSet, kernel_frames: list[bytes]) -> None:
     """A short cut of the network between A and B: B catches up from A's replay log, no
     bulk update; a cut with more frames than net.pfsync.replay_log falls back to one."""
