@@ -154,7 +154,6 @@ def test_failover_then_restarted_node_gets_bulk(nodes: NodeSet, kernel_frames: l
     first = [f for flow in flows for f in flow[: len(flow) // 2]]
     rest = [f for flow in flows for f in flow[len(flow) // 2 :]]
     alone = nodes.make("alone", "c0000003").start()
-    alone.inject(kernel_frames)
     a, b = nodes.mesh(2)
     wait_for(lambda: a.ready() and b.ready(), what="ready")
     a.inject(first)
@@ -163,6 +162,7 @@ def test_failover_then_restarted_node_gets_bulk(nodes: NodeSet, kernel_frames: l
     )
     a.kill()
     b.inject(rest)
+    alone.inject(kernel_frames)  # now, so short timeouts (ICMP 10 s) run alike on both
     assert b.counter("state-mismatch") <= alone.counter("state-mismatch")
     assert b.info()["current_entries"] == alone.info()["current_entries"]
     assert b.count_states() == alone.count_states()
