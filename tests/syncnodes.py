@@ -214,7 +214,14 @@ class SyncNode:
     def status(self) -> dict[str, Any]:
         """GetSyncStatus, as ``pfctl -s sync --json`` shows it."""
         stub = control_pb2_grpc.ControlServiceStub(self.channel())
-        return message_to_dict(stub.GetSyncStatus(pb.GetSyncStatusRequest(), timeout=10))
+        try:
+            return message_to_dict(stub.GetSyncStatus(pb.GetSyncStatusRequest(), timeout=10))
+        except grpc.RpcError:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(
+                    f"{self.name} died (exit {self.proc.returncode}): {self.log_text()[-2000:]}"
+                ) from None
+            raise
 
     def ready(self) -> bool:
         return bool(self.status()["ready"])
