@@ -182,6 +182,9 @@ class PeerLink:
     reply_requests: dict[tuple[int, int], None] = field(default_factory=dict)
     reply_acks: list[tuple[int, int]] = field(default_factory=list)
     bulk_out: Iterator[list[State]] | None = None
+    # Our sequence when the last bulk update to this peer began: the bulk carries every
+    # change up to it, though the peer applied none of those frames (its ack stays lower).
+    bulk_covers: int = 0
     bulk_in: bool = False
     bulk_received: int = 0
     digest_strikes: int = 0
@@ -299,6 +302,7 @@ class SyncEngine:
         link.resume_epoch, link.resume_sequence = link.epoch, link.applied
         link.outbox.clear()
         link.bulk_out = None
+        link.bulk_covers = 0
         link.bulk_in = False
         link.next_digest = now + self.settings.digest_interval
 
@@ -703,6 +707,7 @@ class SyncEngine:
                 yield everything[i : i + size]
 
         link.bulk_out = chunks()
+        link.bulk_covers = self.sequence
         frame = pb.SyncFrame(sender=self.hostid)
         frame.bulk.status = pb.BULK_STATUS_KIND_START
         frame.bulk.creatorid = self.hostid
@@ -926,7 +931,7 @@ class SyncEngine:
         link.peer_digest = digest.value
         # Compare only when nothing is in flight either way and no bulk is running.
         quiet = (
-            digest.applied == self.sequence
+            max(digest.applied, link.bulk_covers) == self.sequence
             and self._first_change is None
             and not link.outbox
             and link.bulk_out is None

@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Literal
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from pfsync.sync.engine import DEFER_SECONDS, SyncEngine
 from pfsync.tls import peer_names
@@ -176,8 +177,24 @@ class SyncDriver(sync_pb2_grpc.SyncServiceServicer):
 
     # ---- one stream's two directions ----------------------------------------------------
 
+    def _undecodable(self, name: str) -> str:
+        """A peer sent bytes that are no frame: count it (``badlen``: its lengths do not
+        fit its bytes); the caller ends that stream only."""
+        self.engine.stats.count("badlen")
+        error = "a frame that is not a SyncFrame message: stream closed"
+        link = self.engine.peers.get(name)
+        if link is not None:
+            link.last_error = error
+        return error
+
     def _receive(self, name: str, frame: pb.SyncFrame) -> None:
-        self.engine.receive(name, frame, self.clock(), frame.ByteSize())
+        try:
+            self.engine.receive(name, frame, self.clock(), frame.ByteSize())
+        except Exception as exc:  # a bug must cost one frame, not the stream or the node
+            log.error("pfsync: a frame from %s was dropped: %s: %s", name, type(exc).__name__, exc)
+            link = self.engine.peers.get(name)
+            if link is not None:
+                link.last_error = f"frame dropped: {type(exc).__name__}: {exc}"
         self.pump()
 
     async def _outgoing(
@@ -232,6 +249,9 @@ class SyncDriver(sync_pb2_grpc.SyncServiceServicer):
                 call = stub.Exchange(requests)
                 try:
                     async for response in call:
+                        if response is None:  # grpc logged bytes it could not decode
+                            error = self._undecodable(addr)
+                            break
                         if backoff != BACKOFF_FIRST:
                             log.info("sync stream to %s up", addr)
                             backoff = BACKOFF_FIRST
@@ -275,5 +295,8 @@ class SyncDriver(sync_pb2_grpc.SyncServiceServicer):
             self._wake.pop(name, None)
 
     async def _read(self, name: str, requests: AsyncIterator[pb.ExchangeRequest]) -> None:
-        async for request in requests:
-            self._receive(name, request.frame)
+        try:
+            async for request in requests:
+                self._receive(name, request.frame)
+        except DecodeError:
+            self._undecodable(name)
