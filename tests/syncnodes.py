@@ -28,9 +28,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pfsync.pcap import read_capture
+from pfsync.tls import channel_credentials
 from pfsync.v1 import control_pb2 as pb
 from pfsync.v1 import control_pb2_grpc, sysctl_pb2_grpc
 from pfsync.v1 import sysctl_pb2 as spb
+from tests.certs import Pem, make_cert
 from tools.client import message_to_dict
 
 BIN = Path(sys.executable).parent
@@ -148,10 +150,23 @@ class SyncNode:
 
     # ---- console scripts ----------------------------------------------------------------
 
+    def _tls(self) -> dict[str, str]:
+        """The node's --tls-cert/--tls-key/--tls-ca, which also guard its control API: the
+        tools present the same certificate (the CA requires one of every client)."""
+        return {
+            flag: self.args[i + 1]
+            for i, flag in enumerate(self.args[:-1])
+            if flag in ("--tls-cert", "--tls-key", "--tls-ca")
+        }
+
     def tool(self, tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run a console script against this node."""
+        tls = [part for flag, path in self._tls().items() for part in (flag, path)]
         out = subprocess.run(
-            [str(BIN / tool), "-N", self.control, *args], capture_output=True, text=True, timeout=30
+            [str(BIN / tool), "-N", self.control, *tls, *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         if check:
             assert out.returncode == 0, f"{tool} {args}: {out.stderr}"
@@ -239,7 +254,14 @@ class SyncNode:
 
     def channel(self) -> grpc.Channel:
         if self._channel is None:
-            self._channel = grpc.insecure_channel(self.control)
+            tls = self._tls()
+            if tls:
+                credentials = channel_credentials(
+                    Path(tls["--tls-ca"]), Path(tls["--tls-cert"]), Path(tls["--tls-key"])
+                )
+                self._channel = grpc.secure_channel(self.control, credentials)
+            else:
+                self._channel = grpc.insecure_channel(self.control)
         return self._channel
 
     def _close_channel(self) -> None:
@@ -471,26 +493,8 @@ def _pipe(src: socket.socket, dst: socket.socket) -> None:
             dst.shutdown(socket.SHUT_WR)
 
 
-def _openssl(*args: str | Path) -> None:
-    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=30)
-
-
-def make_ca(workdir: Path, name: str) -> tuple[Path, Path]:
-    """A self-signed CA made with the openssl CLI: (certificate, key)."""
-    cert, key = workdir / f"{name}.crt", workdir / f"{name}.key"
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-             "-keyout", key, "-out", cert, "-days", "2", "-subj", f"/CN={name}")  # fmt: skip
-    return cert, key
-
-
-def make_cert(workdir: Path, ca: tuple[Path, Path], name: str) -> list[str]:
-    """A node certificate named ``name`` (CN and DNS SAN; IP SAN 127.0.0.1 so a dialer
-    can check the listener it reached) signed by ``ca``; the pfsyncd TLS flags to use it."""
-    cert, key, csr = (workdir / f"{name}.{ext}" for ext in ("crt", "key", "csr"))
-    ext = workdir / f"{name}.ext"
-    ext.write_text(f"subjectAltName=DNS:{name},IP:127.0.0.1\n")
-    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-             "-keyout", key, "-out", csr, "-subj", f"/CN={name}")  # fmt: skip
-    _openssl("x509", "-req", "-in", csr, "-CA", ca[0], "-CAkey", ca[1], "-CAcreateserial",
-             "-out", cert, "-days", "2", "-extfile", ext)  # fmt: skip
-    return ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(ca[0])]
+def tls_flags(workdir: Path, ca: Pem, name: str) -> list[str]:
+    """The pfsyncd TLS flags of a node certificate named ``name`` (CN and DNS SAN, IP SAN
+    127.0.0.1 so a dialer can check the listener it reached) signed by ``ca``."""
+    node = make_cert(ca, workdir, name, ips=["127.0.0.1"])
+    return ["--tls-cert", str(node.cert), "--tls-key", str(node.key), "--tls-ca", str(ca.cert)]

@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2
 
 from pfsync.v1 import sync_pb2 as spb
 from tests import traffic
+from tests.certs import make_ca
 from tests.packets import SYN, tcp, udp
 from tests.syncnodes import (
     LinkCut,
@@ -30,10 +31,9 @@ from tests.syncnodes import (
     established,
     frames_only,
     free_port,
-    make_ca,
-    make_cert,
     split_flows,
     sync_report,
+    tls_flags,
     wait_for,
 )
 
@@ -443,9 +443,9 @@ def test_mtls_peers_sync_and_strangers_stay_out(
     ca = make_ca(tmp_path, "pfsync-ca")
     a = nodes.make("a", "a0000001")
     b = nodes.make("b", "b0000002")
-    a.args += [*make_cert(tmp_path, ca, "node-a"), "--peer-allow", "node-b"]
+    a.args += [*tls_flags(tmp_path, ca, "node-a"), "--peer-allow", "node-b"]
     a.args += ["--peer", b.sync]
-    b.args += [*make_cert(tmp_path, ca, "node-b"), "--peer-allow", "node-a"]
+    b.args += [*tls_flags(tmp_path, ca, "node-b"), "--peer-allow", "node-a"]
     b.args += ["--peer", a.sync]
     a.start(), b.start()
     wait_for(lambda: a.ready() and b.ready(), what="ready")
@@ -455,11 +455,12 @@ def test_mtls_peers_sync_and_strangers_stay_out(
     table = a.listing()
     badauth = a.stat("badauth")
 
-    other_ca = make_ca(tmp_path, "other-ca")
+    (tmp_path / "other").mkdir()
+    other_ca = make_ca(tmp_path / "other", "other-ca")
     stranger = nodes.make("stranger", "c0000003")
-    stranger.args += [*make_cert(tmp_path, other_ca, "node-b"), "--peer", a.sync]
+    stranger.args += [*tls_flags(tmp_path / "other", other_ca, "node-b"), "--peer", a.sync]
     intruder = nodes.make("intruder", "d0000004")
-    intruder.args += [*make_cert(tmp_path, ca, "intruder"), "--peer", a.sync]
+    intruder.args += [*tls_flags(tmp_path, ca, "intruder"), "--peer", a.sync]
     stranger.start(), intruder.start()
     wait_for(lambda: a.stat("badauth") > badauth, what="the intruder refused")
     for outsider in (stranger, intruder):

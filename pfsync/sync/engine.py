@@ -165,6 +165,7 @@ class PeerLink:
     configured: bool = False
     connected: bool = False
     hello_sent: bool = False
+    hello_received: bool = False
     # From the peer's hello: its hostid and epoch; what we applied of its frames.
     creatorid: int | None = None
     epoch: int = 0
@@ -299,6 +300,7 @@ class SyncEngine:
             self.add_peer(name, now, configured=False, v6=v6)
         link = self.peers[name]
         link.connected, link.hello_sent, link.superseded = True, False, False
+        link.hello_received = False
         link.resume_epoch, link.resume_sequence = link.epoch, link.applied
         link.outbox.clear()
         link.bulk_out = None
@@ -787,6 +789,7 @@ class SyncEngine:
                 link.resume_epoch = hello.epoch if known else 0
                 link.resume_sequence = link.applied
         link.creatorid, link.epoch = hello.creatorid, hello.epoch
+        link.hello_received = True
         link.last_error = ""  # the stream works again; what failed before is history
         for other in list(self.peers.values()):
             if other is link or not other.connected or other.creatorid != hello.creatorid:
@@ -911,7 +914,8 @@ class SyncEngine:
 
     def _update_request(self, link: PeerLink, ident: tuple[int, int]) -> None:
         if ident == (0, 0):
-            self._start_bulk(link)
+            if link.bulk_out is None:  # a repeated request joins the bulk under way
+                self._start_bulk(link)
         elif not self._queue_reply(link, *ident):
             self.stats.count("badstate")
 
@@ -1042,7 +1046,9 @@ class SyncEngine:
         if self.bulk_attempts == 1:
             return  # the hello of each stream carries the first request
         for link in self.peers.values():
-            if link.connected and link.hello_sent and not link.bulk_in:
+            # Only where the peer answered (its hello): a stream still being set up has
+            # the first request queued already.
+            if link.connected and link.hello_received and not link.bulk_in:
                 link.reply_requests[(0, 0)] = None
 
     # ---- figures -----------------------------------------------------------------------
