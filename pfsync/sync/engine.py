@@ -174,6 +174,10 @@ class PeerLink:
     resume_sequence: int = 0
     # The highest of our sequences the peer acknowledged.
     acked: int = 0
+    # The highest of the peer's sequences we acknowledged (frame.ack) so far.
+    ack_sent: int = 0
+    # When we last sent a frame that only acknowledges (at most one per flush_ms).
+    ack_only_at: float = float("-inf")
     outbox: deque[pb.SyncFrame] = field(default_factory=deque)
     # Per-peer replies, flushed with the next frames_to_send.
     reply_full: dict[tuple[int, int], State] = field(default_factory=dict)
@@ -295,6 +299,7 @@ class SyncEngine:
         link = self.peers[name]
         link.connected, link.hello_sent, link.superseded = True, False, False
         link.resume_epoch, link.resume_sequence = link.epoch, link.applied
+        link.ack_sent = 0
         link.outbox.clear()
         link.bulk_out = None
         link.bulk_in = False
@@ -578,6 +583,17 @@ class SyncEngine:
             out.append(link.outbox.popleft())
         while link.bulk_out is not None and len(out) < limit:
             out.append(self._bulk_frame(link, now))
+        if (
+            not out
+            and link.applied > link.ack_sent
+            and now - link.ack_only_at >= self.settings.flush_ms / 1000
+        ):
+            # Nothing to send, but frames applied: acknowledge them in an empty frame, so
+            # the peer's lag figures measure replication, not our next digest. At most one
+            # per flush_ms (the driver's ticker wakes the writer that often): one ack per
+            # frame made the one-state-per-frame path 1.5x slower.
+            link.ack_only_at = now
+            out.append(pb.SyncFrame(sender=self.hostid))
         self._count_out(link, out)
         return out
 
@@ -592,7 +608,7 @@ class SyncEngine:
                 + len(frame.compressed.id)
                 + len(frame.deletes.id)
             )
-            frame.ack = link.applied
+            frame.ack = link.ack_sent = link.applied
 
     def _hello(self, link: PeerLink) -> pb.SyncFrame:
         self.stats.actions_out["hello"] += 1
