@@ -1,12 +1,29 @@
-"""Who may change a node: the one admin check every gRPC service shares."""
+"""Who may use a node: the admin check every gRPC service shares, and the read-token gate.
+
+- Admin calls (Set, Inject, Kill, Clear...) need ``authorization: Bearer <admin token>``
+  when ``--admin-token-file`` is set, else a loopback client (`require_admin`).
+- With ``--read-token-file``, every other call too needs ``Bearer <read token>`` (or the
+  admin token): `ReadAccess`, a server interceptor, so each service need not repeat it.
+  The health service stays open, for load balancers and orchestrators.
+"""
 
 from __future__ import annotations
 
 import hmac
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 
 from pfsync.config import is_loopback_peer
+
+# Methods anyone may call even when reads need a token.
+OPEN_METHODS = ("/grpc.health.v1.Health/",)
+
+
+def _bearer_matches(given: str, token: str) -> bool:
+    # Constant-time; an empty token never matches (it would accept "Bearer ").
+    return bool(token) and hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
 
 
 async def require_admin(context: grpc.aio.ServicerContext, token: str | None) -> None:
@@ -19,5 +36,64 @@ async def require_admin(context: grpc.aio.ServicerContext, token: str | None) ->
         return
     metadata = dict(context.invocation_metadata() or ())
     given = str(metadata.get("authorization", ""))
-    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+    if not _bearer_matches(given, token):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong admin token")
+
+
+class ReadAccess(grpc.aio.ServerInterceptor):
+    """Refuse calls that lack the read (or admin) token, when a read token is set.
+
+    ``read_token`` and ``admin_token`` are plain attributes so that a config reload
+    (SIGHUP) can rotate them in place.
+    """
+
+    def __init__(self, read_token: str | None, admin_token: str | None) -> None:
+        self.read_token = read_token
+        self.admin_token = admin_token
+
+    def allows(self, metadata: Any) -> bool:
+        """Whether call metadata carries an accepted token (always, without a read token)."""
+        if self.read_token is None:
+            return True
+        given = ""
+        for key, value in metadata or ():
+            if key == "authorization":
+                given = str(value)
+        return _bearer_matches(given, self.read_token) or _bearer_matches(
+            given, self.admin_token or ""
+        )
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method  # type: ignore[attr-defined]
+        if handler is None or method.startswith(OPEN_METHODS):
+            return handler
+        if self.allows(handler_call_details.invocation_metadata):  # type: ignore[attr-defined]
+            return handler
+        return _refusal(handler)
+
+
+async def _refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong read token")
+
+
+def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that refuses the call."""
+    kinds = {
+        "unary_unary": grpc.unary_unary_rpc_method_handler,
+        "unary_stream": grpc.unary_stream_rpc_method_handler,
+        "stream_unary": grpc.stream_unary_rpc_method_handler,
+        "stream_stream": grpc.stream_stream_rpc_method_handler,
+    }
+    for kind, make in kinds.items():
+        if getattr(handler, kind) is not None:
+            return make(  # type: ignore[operator]
+                _refuse,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+    raise AssertionError("a handler of no known kind")

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import ipaddress
 import secrets
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -20,6 +21,7 @@ from pydantic_settings import (
 )
 
 from pfsync.netif import parse_networks
+from statetable.table import LIMIT_STATES_MAX, LIMIT_STATES_MIN
 
 
 class ConfigError(Exception):
@@ -39,7 +41,8 @@ class NodeConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PFSYNCD_", extra="forbid")
 
     hostid: int = Field(
-        default_factory=lambda: secrets.randbits(32) or 1,
+        # Hex text like the flag: settings validate their defaults, and integers are refused.
+        default_factory=lambda: f"{secrets.randbits(32) or 1:x}",
         ge=1,
         le=0xFFFFFFFF,
         description="creatorid of states made here (hex)",
@@ -48,18 +51,28 @@ class NodeConfig(BaseSettings):
     pcap: list[Path] = Field(default_factory=list, description="capture files to replay")
     replay_speed: float = Field(0.0, ge=0.0, description="0: as fast as possible, 1: real time")
     capture: list[str] = Field(default_factory=list, description="interfaces to capture on")
-    limit_states: int = Field(100000, ge=1, description="hard state limit")
+    limit_states: int = Field(
+        100000, ge=LIMIT_STATES_MIN, le=LIMIT_STATES_MAX, description="hard state limit"
+    )
     admin_token_file: Path | None = Field(None, description="token for admin calls")
+    read_token_file: Path | None = Field(
+        None, description="token read calls need (the admin token also works); default: open"
+    )
+    # One certificate for the control API and the pfsync peer links (both ends of a peer
+    # link present it; the CA must have signed the other end's).
+    tls_cert: Path | None = Field(None, description="PEM certificate chain served on TLS")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    tls_ca: Path | None = Field(
+        None, description="PEM CA bundle: clients and peers must present a certificate it signed"
+    )
     local_net: list[str] = Field(
         default_factory=list, description="MSLT local networks (default: this host's)"
     )
-    sync_listen: str = Field(
-        "127.0.0.1:7071", description="pfsync peer endpoint (empty: accept no peers)"
+    # None: the default address, given up with a warning if another process holds it.
+    sync_listen: str | None = Field(
+        None, description="pfsync peer endpoint (default 127.0.0.1:7071; empty: none)"
     )
     peer: list[str] = Field(default_factory=list, description="peers to sync with (HOST:PORT)")
-    tls_cert: Path | None = Field(None, description="certificate (PEM) for mTLS between peers")
-    tls_key: Path | None = Field(None, description="its private key (PEM)")
-    tls_ca: Path | None = Field(None, description="CA (PEM) that signs the peers' certificates")
     peer_allow: list[str] = Field(
         default_factory=list, description="certificate names of peers allowed to sync"
     )
@@ -75,6 +88,10 @@ class NodeConfig(BaseSettings):
     @field_validator("hostid", mode="before")
     @classmethod
     def _hex_hostid(cls, value: Any) -> Any:
+        # --hostid and PFSYNCD_HOSTID are hex text; a bare TOML integer (hostid = 12345) would
+        # silently mean something else (decimal), so it is refused: write it quoted.
+        if isinstance(value, int) and not isinstance(value, bool):
+            raise ValueError(f'write the hostid as quoted hex (hostid = "{value:x}"), not a number')
         if isinstance(value, str):
             try:
                 return int(value, 16)
@@ -89,13 +106,21 @@ class NodeConfig(BaseSettings):
 
     @field_validator("sync_listen")
     @classmethod
-    def _sync_address(cls, value: str) -> str:
+    def _sync_address(cls, value: str | None) -> str | None:
         return _host_port(value) if value else value
 
     @field_validator("peer")
     @classmethod
     def _peer_addresses(cls, value: list[str]) -> list[str]:
         return [_host_port(v) for v in value]
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> NodeConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_ca needs tls_cert and tls_key")
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -134,17 +159,40 @@ def load_config(flags: dict[str, Any], config_file: Path | None = None) -> NodeC
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "config"
-        raise ConfigError(f"invalid setting {where}: {err['msg']}") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"invalid setting {where}: {msg}") from None
     except (OSError, ValueError) as exc:  # unreadable or malformed TOML
         raise ConfigError(f"{config_file}: {exc}") from None
 
 
+def read_token_file(path: Path, what: str = "token") -> str:
+    """The token in ``path``, stripped; ConfigError (one line) if it cannot serve as one.
+
+    An empty token would make the expected header ``Bearer `` (anyone sending that would
+    pass), and a non-ASCII one cannot travel in gRPC metadata, so both are refused.
+    """
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: {what} file is not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read {what} file: {exc.strerror or exc}") from None
+    if not token:
+        raise ConfigError(f"{path}: {what} file is empty")
+    if not token.isascii() or not token.isprintable() or any(c.isspace() for c in token):
+        raise ConfigError(f"{path}: {what} must be printable ASCII without spaces")
+    return token
+
+
 def is_loopback_peer(peer: str) -> bool:
-    """Whether a gRPC peer string (``ipv4:127.0.0.1:5555``, ``ipv6:[::1]:5555``) is local."""
+    """Whether a gRPC peer string (``ipv4:127.0.0.1:5555``, ``ipv6:%5B::1%5D:5555``) is local.
+
+    gRPC percent-encodes the brackets of IPv6 peers, so the string is unquoted first.
+    """
     kind, _, rest = peer.partition(":")
     if kind == "unix":
         return True
-    host = rest.rsplit(":", 1)[0].strip("[]")
+    host = urllib.parse.unquote(rest).rsplit(":", 1)[0].strip("[]")
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:

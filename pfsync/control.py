@@ -4,16 +4,17 @@ its own beyond translating between the table and the wire contract in control.pr
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import socket
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from itertools import chain
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
 
 from pfsync.admin import require_admin
+from pfsync.listing import YIELD_CHECK, Lease, ListingGate
 from pfsync.node import MALFORMED, Node
 from pfsync.sync.engine import PeerLink
 from pfsync.v1 import control_pb2 as pb
@@ -97,9 +98,14 @@ def state_to_pb(st: State, now: float, expires_at: Callable[[State], float]) -> 
         dst=peer_to_pb(st.dst, st.proto),
         timeout=tmo.name_of(st.timeout),
         age_seconds=max(0, int(now - st.creation)),
-        expires_in_seconds=max(0, int(expires_at(st) - now + 0.999)),
+        expires_in_seconds=_expires_in(expires_at(st), now),
         nosync=bool(st.flags & FLAG_NOSYNC),
     )
+
+
+def _expires_in(expires: float, now: float) -> int:
+    # A state unlinked while a listing runs expires at -inf: it is due now, not an error.
+    return max(0, int(expires - now + 0.999)) if math.isfinite(expires) else 0
 
 
 def vestigial_to_pb(rec: Vestigial, now: float) -> pb.State:
@@ -199,13 +205,14 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
     def __init__(self, node: Node, admin_token: str | None = None) -> None:
         self.node = node
         self.admin_token = admin_token
+        self.listings = ListingGate()
 
     async def _require_admin(self, context: grpc.aio.ServicerContext) -> None:
         await require_admin(context, self.admin_token)
 
     async def ListStates(
         self, request: pb.ListStatesRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ListStatesResponse]:
+    ) -> None:
         node, table = self.node, self.node.table
         try:
             address = parse_address(request.address, "address") if request.address else None
@@ -219,7 +226,6 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
             )
         except BadRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            raise
         proto = request.proto
 
         def wanted(item: State | Vestigial) -> bool:
@@ -230,24 +236,49 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
                 return address in (sa, da)
             return True
 
-        # Snapshot the items first: the table may change while the stream waits on the client.
-        if identity is not None:
-            found = table.get_by_id(identity.id, identity.creatorid)
-            states = [found] if found is not None else []
-        else:
-            states = [st for st in table.states() if not proto or st.proto == proto]
-        records = (
-            [rec for rec in table.vestigial() if identity is None or identity.owns(rec)]
-            if not proto or proto == IPPROTO_TCP
-            else []
-        )
-        now, expires_at = node.clock(), table.expires_at
-        rows = chain(
-            (state_to_pb(st, now, expires_at) for st in states if wanted(st)),
-            (vestigial_to_pb(rec, now) for rec in records if wanted(rec)),
-        )
-        for chunk in _chunks(rows):
-            yield chunk
+        async with self.listings.slot(context) as lease:
+            # Snapshot first: the table may change while the stream waits on the client.
+            if identity is not None:
+                found = table.get_by_id(identity.id, identity.creatorid)
+                states = [found] if found is not None else []
+            else:
+                states = [st for st in table.states() if not proto or st.proto == proto]
+            records = (
+                [rec for rec in table.vestigial() if identity is None or identity.owns(rec)]
+                if not proto or proto == IPPROTO_TCP
+                else []
+            )
+            await self._send_listing(states, records, wanted, lease)
+
+    async def _send_listing(
+        self,
+        states: list[State],
+        records: list[Vestigial],
+        wanted: Callable[[State | Vestigial], bool],
+        lease: Lease,
+    ) -> None:
+        """Convert and send in chunks, pacing so a long listing lets other calls in."""
+        now, expires_at = self.node.clock(), self.node.table.expires_at
+        chunk: list[pb.State] = []
+        for n, st in enumerate(states, 1):
+            if n % YIELD_CHECK == 0:
+                await lease.pace()
+            # A state that left the table since the snapshot is not listed.
+            if wanted(st) and math.isfinite(expires_at(st)):
+                chunk.append(state_to_pb(st, now, expires_at))
+                if len(chunk) == CHUNK:
+                    await lease.send(pb.ListStatesResponse(states=chunk))
+                    chunk = []
+        for n, rec in enumerate(records, 1):
+            if n % YIELD_CHECK == 0:
+                await lease.pace()
+            if wanted(rec):
+                chunk.append(vestigial_to_pb(rec, now))
+                if len(chunk) == CHUNK:
+                    await lease.send(pb.ListStatesResponse(states=chunk))
+                    chunk = []
+        if chunk:
+            await lease.send(pb.ListStatesResponse(states=chunk))
 
     async def GetInfo(
         self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext

@@ -35,6 +35,14 @@ PURGE_PERIOD = 1.0
 MALFORMED = 2
 
 
+def wire_text(text: str) -> str:
+    """``text`` with the undecodable bytes of a file name (surrogate escapes) as ``\\xNN``.
+
+    Protobuf strings must be UTF-8: one such name would make every GetInfo fail.
+    """
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 @dataclass
 class PacketSource:
     """Progress of one capture file or interface (shown by GetInfo)."""
@@ -141,7 +149,7 @@ class Node:
 
     def start_replay(self, path: Path, speed: float) -> PacketSource:
         """Replay a capture file into the table in the background."""
-        source = PacketSource("pcap", str(path))
+        source = PacketSource("pcap", wire_text(str(path)))
         source.task = asyncio.get_running_loop().create_task(self._replay(source, path, speed))
         self.sources.append(source)
         return source
@@ -163,7 +171,7 @@ class Node:
                 feed(frame, linktype, clock())
                 source.frames += 1
         except CaptureError as exc:
-            source.error = str(exc)
+            source.error = wire_text(str(exc))
             log.error("%s", exc)
         finally:
             source.done = True

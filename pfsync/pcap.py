@@ -1,9 +1,14 @@
 """Capture-file I/O: read classic pcap and pcapng, write either.
 
 `read_capture` is a packet source for replay, so its record loops are the hot path of
-`pfsyncd --pcap`: the file is mapped into memory once and each record costs one precompiled
-`struct.Struct.unpack_from`, one slice and the yielded tuple (measured >1.5M records/s for
-small packets). Everything else (headers, options, block bookkeeping) is written for the reader.
+`pfsyncd --pcap`: the file is read a megabyte at a time with plain ``read`` calls and each
+record costs one precompiled `struct.Struct.unpack_from`, one slice and the yielded tuple
+(measured >1.2M records/s for small packets). Everything else (headers, options, block
+bookkeeping, a record that straddles two chunks) is written for the reader.
+
+The file is deliberately not mmapped: a mapped file that is truncated while it is read
+(``cp`` over it, log rotation) kills the process with SIGBUS. With ``read`` a file that
+shrinks ends the replay with a `CaptureError`; one that grows is read to its new end.
 
 Every defect in a file raises `CaptureError` with a one-line message naming the file and the
 byte offset of the header or block that is wrong, so a user can look at it with a hex dump.
@@ -11,8 +16,8 @@ byte offset of the header or block that is wrong, so a user can look at it with 
 
 from __future__ import annotations
 
-import mmap
 import os
+import stat
 import struct
 from collections.abc import Callable, Iterator
 from types import TracebackType
@@ -22,6 +27,10 @@ from statetable.decode import LINKTYPE_ETHERNET
 
 # A record claiming more than this is corruption, not a packet (Linux GSO frames stay < 64 KiB).
 MAX_CAPLEN = 256 * 1024
+# A pcapng block longer than this is corruption too (it would have to be held in memory whole).
+MAX_BLOCK = 16 * 1024 * 1024
+# Bytes read from the file at a time: large enough that the read calls cost nothing per record.
+READ_CHUNK = 1024 * 1024
 
 _PCAP_MAGIC_US = 0xA1B2C3D4
 _PCAP_MAGIC_NS = 0xA1B23C4D
@@ -48,7 +57,61 @@ class CaptureError(Exception):
         where = "" if offset is None else f" at byte offset {offset}"
         super().__init__(f"{path}: {what}{where}")
         self.path = path
+        self.what = what
         self.offset = offset
+
+
+class _Source:
+    """The open capture file, read a chunk at a time.
+
+    The record loops work on one ``bytes`` chunk and positions within it; ``base`` is the
+    file offset of the chunk's first byte, so errors raised with chunk positions are turned
+    into file offsets by `rebase`.
+    """
+
+    __slots__ = ("base", "file", "name", "read", "shrank", "size")
+
+    def __init__(self, name: str, file: BinaryIO) -> None:
+        self.name = name
+        self.file = file
+        info = os.fstat(file.fileno())
+        # Only a regular file has a size to compare with (pipes and devices just end).
+        self.size: int | None = info.st_size if stat.S_ISREG(info.st_mode) else None
+        self.base = 0
+        self.read = 0  # bytes read so far
+        self.shrank = False
+
+    def refill(self, buf: bytes, pos: int, need: int) -> bytes:
+        """``buf[pos:]`` followed by more of the file, until it holds ``need`` bytes or the
+        file ends; the result's first byte is at file offset ``base``."""
+        self.base += pos
+        parts = [buf[pos:]]
+        have = len(buf) - pos
+        while have < need:
+            try:
+                more = self.file.read(max(READ_CHUNK, need - have))
+            except OSError as exc:
+                raise CaptureError(self.name, exc.strerror or str(exc), self.read) from None
+            if not more:
+                # Shorter than when it was opened: truncated under us (cp, log rotation).
+                self.shrank = self.size is not None and self.read < self.size
+                break
+            parts.append(more)
+            have += len(more)
+            self.read += len(more)
+        return b"".join(parts)
+
+    def rebase(self, exc: CaptureError) -> CaptureError:
+        """The same error at a file offset (or, if the file shrank, saying so)."""
+        offset = None if exc.offset is None else self.base + exc.offset
+        if self.shrank:
+            what = f"file shrank to {self.read} bytes while being read (it had {self.size})"
+            return CaptureError(self.name, what, offset)
+        return CaptureError(self.name, exc.what, offset)
+
+    def close(self) -> None:
+        """Close the file."""
+        self.file.close()
 
 
 def read_capture(path: str | os.PathLike[str]) -> Iterator[Record]:
@@ -58,15 +121,19 @@ def read_capture(path: str | os.PathLike[str]) -> Iterator[Record]:
     raise `CaptureError` here; corruption further in raises it while iterating.
     """
     name = os.fspath(path)
-    buf = _map_file(name)
     try:
-        return _records(name, buf)
+        src = _Source(name, open(name, "rb", buffering=0))
+    except OSError as e:
+        raise CaptureError(name, e.strerror or str(e)) from None
+    try:
+        # The first read holds at least the file header (24 bytes) or first SHB (28).
+        return _records(name, src, src.refill(b"", 0, max(READ_CHUNK, 28)))
     except CaptureError:
-        _release(buf)
+        src.close()
         raise
 
 
-def _records(name: str, buf: mmap.mmap | bytes) -> Iterator[Record]:
+def _records(name: str, src: _Source, buf: bytes) -> Iterator[Record]:
     """Pick the format by its magic number and return the matching record loop."""
     if not buf:
         raise CaptureError(name, "empty file", 0)
@@ -74,70 +141,71 @@ def _records(name: str, buf: mmap.mmap | bytes) -> Iterator[Record]:
         raise CaptureError(name, "file too short for a capture header", 0)
     first = buf[:4]
     if first == _PCAPNG_SHB.to_bytes(4, "little"):
-        return _pcapng_records(name, buf)
+        return _pcapng_loop(name, src, buf, _section_at(name, buf, 0))
     for order in "<>":
         magic = struct.unpack(order + "I", first)[0]
         if magic in (_PCAP_MAGIC_US, _PCAP_MAGIC_NS):
-            return _pcap_records(name, buf, order, magic == _PCAP_MAGIC_NS)
+            return _pcap_records(name, src, buf, order, magic == _PCAP_MAGIC_NS)
     raise CaptureError(name, f"not a pcap or pcapng file (magic 0x{first.hex()})", 0)
-
-
-def _map_file(name: str) -> mmap.mmap | bytes:
-    """Map the whole file read-only (read it, for things that cannot be mapped such as pipes)."""
-    try:
-        with open(name, "rb") as f:
-            try:
-                return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            except (ValueError, OSError):  # empty files and pipes cannot be mapped
-                return f.read()
-    except OSError as e:
-        raise CaptureError(name, e.strerror or str(e)) from None
 
 
 # --- classic pcap -------------------------------------------------------------------------------
 
 
-def _pcap_records(name: str, buf: mmap.mmap | bytes, order: str, nanos: bool) -> Iterator[Record]:
+def _pcap_records(name: str, src: _Source, buf: bytes, order: str, nanos: bool) -> Iterator[Record]:
     """Check the 24-byte file header, then return the record loop."""
     header = struct.Struct(order + _PCAP_FILE_HEADER)
     if len(buf) < header.size:
         raise CaptureError(name, "truncated pcap file header", 0)
     linktype = header.unpack_from(buf, 0)[6] & 0xFFFF  # the upper bits carry FCS information
-    return _pcap_loop(name, buf, struct.Struct(order + "IIII"), 1e9 if nanos else 1e6, linktype)
+    record = struct.Struct(order + "IIII")
+    return _pcap_loop(name, src, buf, record, 1e9 if nanos else 1e6, linktype)
 
 
 def _pcap_loop(
-    name: str, buf: mmap.mmap | bytes, record: struct.Struct, ticks: float, linktype: int
+    name: str, src: _Source, buf: bytes, record: struct.Struct, ticks: float, linktype: int
 ) -> Iterator[Record]:
-    # Hot path: locals only, and no bounds check before unpack_from, whose struct.error on a short
-    # header is turned into a CaptureError outside the loop (exception handling is free in 3.11).
+    # Hot path: locals only, and no bounds check before unpack_from: its struct.error at the end
+    # of a chunk (free in 3.11 until raised, once per chunk) and the caplen check that every
+    # record needs anyway are where we leave the inner loop to read more of the file.
     unpack = record.unpack_from
     end = len(buf)
     pos = 24
+    caplen = 0
     try:
-        while pos < end:
-            sec, frac, caplen, _origlen = unpack(buf, pos)
-            data = pos + 16
-            stop = data + caplen
-            if stop > end or caplen > MAX_CAPLEN:
+        while True:
+            try:
+                while True:
+                    sec, frac, caplen, _origlen = unpack(buf, pos)
+                    data = pos + 16
+                    stop = data + caplen
+                    if stop > end or caplen > MAX_CAPLEN:
+                        break
+                    yield sec + frac / ticks, linktype, buf[data:stop]
+                    pos = stop
+                need = 16 + caplen  # a record that runs past the chunk
+            except struct.error:
+                need = 16  # a record header that runs past the chunk
+            if caplen > MAX_CAPLEN:
                 raise _bad_caplen(name, caplen, pos)
-            yield sec + frac / ticks, linktype, buf[data:stop]
-            pos = stop
-    except struct.error:
-        raise CaptureError(name, "truncated record header", pos) from None
+            buf = src.refill(buf, pos, need)
+            pos, end = 0, len(buf)
+            if end < need:
+                if not end and not src.shrank:
+                    return
+                if need == 16:
+                    raise CaptureError(name, "truncated record header", 0)
+                raise _bad_caplen(name, caplen, 0)
+    except CaptureError as exc:
+        raise src.rebase(exc) from None
     finally:
-        _release(buf)
+        src.close()
 
 
 def _bad_caplen(name: str, caplen: int, offset: int) -> CaptureError:
     if caplen > MAX_CAPLEN:
         return CaptureError(name, f"absurd captured length {caplen}", offset)
     return CaptureError(name, f"captured length {caplen} runs past the end of the file", offset)
-
-
-def _release(buf: mmap.mmap | bytes) -> None:
-    if isinstance(buf, mmap.mmap):
-        buf.close()
 
 
 # --- pcapng -------------------------------------------------------------------------------------
@@ -179,30 +247,39 @@ class _Section:
         )
 
 
-def _pcapng_records(name: str, buf: mmap.mmap | bytes) -> Iterator[Record]:
-    """Check the first Section Header Block, then return the block loop."""
-    return _pcapng_loop(name, buf, _section_at(name, buf, 0))
-
-
-def _pcapng_loop(name: str, buf: mmap.mmap | bytes, section: _Section) -> Iterator[Record]:
+def _pcapng_loop(name: str, src: _Source, buf: bytes, section: _Section) -> Iterator[Record]:
     # Hot path: Enhanced Packet Blocks are nearly every block of a capture, so their checks are
     # inlined with the section's decoders held in locals; when a check fails, the matching helper
     # is called only to build the precise error. Rarer blocks go through the helpers directly.
+    # A block that runs past the chunk is completed by reading more (blocks are held whole).
     end = len(buf)
     pos = 0
     last_ts = 0.0  # Simple Packet Blocks have no timestamp: they get the previous packet's
     head, u32, epb, interfaces = section.hot_decoders()
     try:
-        while pos < end:
+        while True:
             if end - pos < 12:
-                raise CaptureError(name, "truncated block header", pos)
+                buf = src.refill(buf, pos, 12)
+                pos, end = 0, len(buf)
+                if not end:
+                    if src.shrank:
+                        raise CaptureError(name, "file shrank", 0)
+                    return
+                if end < 12:
+                    raise CaptureError(name, "truncated block header", 0)
             btype, length = head(buf, pos)
-            if btype == _PCAPNG_SHB and pos:
+            if btype == _PCAPNG_SHB and (pos or src.base):
+                if end - pos < 28:
+                    buf = src.refill(buf, pos, 28)
+                    pos, end = 0, len(buf)
                 section = _section_at(name, buf, pos)
                 head, u32, epb, interfaces = section.hot_decoders()
                 length = head(buf, pos)[1]
             block_end = pos + length
             if length < 12 or length % 4 or block_end > end or u32(buf, block_end - 4)[0] != length:
+                if block_end > end and length <= MAX_BLOCK:  # runs past the chunk: read more
+                    buf = src.refill(buf, pos, length)
+                    pos, end, block_end = 0, len(buf), length
                 _check_block(name, buf, section, pos, length)
             if btype == _PCAPNG_SHB:
                 _need(name, length, 28, "section header block", pos)
@@ -225,11 +302,13 @@ def _pcapng_loop(name: str, buf: mmap.mmap | bytes, section: _Section) -> Iterat
                 last_ts = record[0]
                 yield record
             pos = block_end
+    except CaptureError as exc:
+        raise src.rebase(exc) from None
     finally:
-        _release(buf)
+        src.close()
 
 
-def _section_at(name: str, buf: mmap.mmap | bytes, pos: int) -> _Section:
+def _section_at(name: str, buf: bytes, pos: int) -> _Section:
     """Read a Section Header Block's byte-order magic and version; return fresh section state."""
     if len(buf) - pos < 28:
         raise CaptureError(name, "truncated section header block", pos)
@@ -246,11 +325,11 @@ def _section_at(name: str, buf: mmap.mmap | bytes, pos: int) -> _Section:
     return section
 
 
-def _check_block(
-    name: str, buf: mmap.mmap | bytes, section: _Section, pos: int, length: int
-) -> None:
+def _check_block(name: str, buf: bytes, section: _Section, pos: int, length: int) -> None:
     if length < 12 or length % 4:
         raise CaptureError(name, f"bad block length {length}", pos)
+    if length > MAX_BLOCK:
+        raise CaptureError(name, f"absurd block length {length}", pos)
     if pos + length > len(buf):
         raise CaptureError(name, f"block length {length} runs past the end of the file", pos)
     trailer = section.u32.unpack_from(buf, pos + length - 4)[0]
@@ -265,7 +344,7 @@ def _need(name: str, length: int, minimum: int, what: str, pos: int) -> None:
         raise CaptureError(name, f"{what} too short ({length} bytes)", pos)
 
 
-def _idb(name: str, buf: mmap.mmap | bytes, section: _Section, pos: int, length: int) -> _Interface:
+def _idb(name: str, buf: bytes, section: _Section, pos: int, length: int) -> _Interface:
     _need(name, length, 20, "interface description block", pos)
     linktype, _reserved, snaplen = section.idb.unpack_from(buf, pos + 8)
     iface = _Interface(linktype, snaplen, 1e6, 0)
@@ -280,7 +359,7 @@ def _idb(name: str, buf: mmap.mmap | bytes, section: _Section, pos: int, length:
 
 
 def _options(
-    name: str, buf: mmap.mmap | bytes, section: _Section, pos: int, end: int
+    name: str, buf: bytes, section: _Section, pos: int, end: int
 ) -> Iterator[tuple[int, int, int]]:
     """Yield ``(code, value_offset, value_length)`` for the options between pos and end."""
     while pos + 4 <= end:
@@ -299,9 +378,7 @@ def _interface(name: str, section: _Section, index: int, pos: int) -> _Interface
     return section.interfaces[index]
 
 
-def _packet_data(
-    name: str, buf: mmap.mmap | bytes, pos: int, data: int, caplen: int, block_end: int
-) -> bytes:
+def _packet_data(name: str, buf: bytes, pos: int, data: int, caplen: int, block_end: int) -> bytes:
     if caplen > MAX_CAPLEN:
         raise CaptureError(name, f"absurd captured length {caplen}", pos)
     if data + caplen > block_end:
@@ -309,7 +386,7 @@ def _packet_data(
     return buf[data : data + caplen]
 
 
-def _epb(name: str, buf: mmap.mmap | bytes, section: _Section, pos: int, length: int) -> Record:
+def _epb(name: str, buf: bytes, section: _Section, pos: int, length: int) -> Record:
     _need(name, length, 32, "enhanced packet block", pos)
     index, ts_high, ts_low, caplen, _origlen = section.epb.unpack_from(buf, pos + 8)
     iface = _interface(name, section, index, pos)
@@ -317,7 +394,7 @@ def _epb(name: str, buf: mmap.mmap | bytes, section: _Section, pos: int, length:
     return ((ts_high << 32) | ts_low) / iface.divisor + iface.offset, iface.linktype, frame
 
 
-def _pb(name: str, buf: mmap.mmap | bytes, section: _Section, pos: int, length: int) -> Record:
+def _pb(name: str, buf: bytes, section: _Section, pos: int, length: int) -> Record:
     _need(name, length, 32, "packet block", pos)
     index, _drops, ts_high, ts_low, caplen, _origlen = section.pb.unpack_from(buf, pos + 8)
     iface = _interface(name, section, index, pos)
@@ -325,9 +402,7 @@ def _pb(name: str, buf: mmap.mmap | bytes, section: _Section, pos: int, length: 
     return ((ts_high << 32) | ts_low) / iface.divisor + iface.offset, iface.linktype, frame
 
 
-def _spb(
-    name: str, buf: mmap.mmap | bytes, section: _Section, pos: int, length: int, ts: float
-) -> Record:
+def _spb(name: str, buf: bytes, section: _Section, pos: int, length: int, ts: float) -> Record:
     _need(name, length, 16, "simple packet block", pos)
     iface = _interface(name, section, 0, pos)  # an SPB always belongs to the first interface
     origlen = section.u32.unpack_from(buf, pos + 8)[0]

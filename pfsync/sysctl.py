@@ -20,13 +20,16 @@ from pydantic import BaseModel
 from pfsync.sync.engine import LAG_BUCKETS_MS, SyncEngine, SyncSettings
 from statetable import timeouts as tmo
 from statetable.mslt import CLASS_NAMES, MSL_MAX
-from statetable.table import LIMIT_STATES_MAX
+from statetable.table import LIMIT_STATES_MAX, LIMIT_STATES_MIN
 from statetable.vtw import ENTRIES_MAX, ENTRIES_MIN, HashStats
 
 if TYPE_CHECKING:
     from pfsync.node import Node
 
 Value = int | bool | str | list[tuple[str, int]]
+
+# An integer value longer than this is not echoed whole in an error message.
+MAX_ECHO = 40
 
 
 class Kind(enum.Enum):
@@ -67,19 +70,24 @@ class SysctlNode:
     def parse(self, text: str) -> int | bool:
         """A value for this node from text, range-checked; SysctlError if unusable."""
         text = text.strip()
+        shown = text if len(text) <= MAX_ECHO else text[:MAX_ECHO] + "..."
         if self.kind is Kind.BOOL:
             lowered = text.lower()
             if lowered in ("1", "true", "on", "yes"):
                 return True
             if lowered in ("0", "false", "off", "no"):
                 return False
-            raise SysctlError("invalid", f"{self.name}: {text!r} is not 0 or 1")
+            raise SysctlError("invalid", f"{self.name}: {shown!r} is not 0 or 1")
         if self.kind is not Kind.INT:
             raise SysctlError("read-only", f"{self.name} is read-only")
+        # int() also takes Arabic-Indic and other Unicode digits and "1_000": ASCII only.
+        digits = text.removeprefix("-").removeprefix("+")
         try:
+            if not (digits.isascii() and digits.replace("x", "").replace("X", "").isalnum()):
+                raise ValueError
             value = int(text, 0)
         except ValueError:
-            raise SysctlError("invalid", f"{self.name}: {text!r} is not an integer") from None
+            raise SysctlError("invalid", f"{self.name}: {shown!r} is not an integer") from None
         if (
             self.minimum is not None
             and value < self.minimum
@@ -87,7 +95,7 @@ class SysctlNode:
             and value > self.maximum
         ):
             raise SysctlError(
-                "invalid", f"{self.name}: {value} is out of range {self.minimum}..{self.maximum}"
+                "invalid", f"{self.name}: {shown} is out of range {self.minimum}..{self.maximum}"
             )
         if self.power_of_two and value & (value - 1):
             raise SysctlError("invalid", f"{self.name}: {value} is not a power of two")
@@ -272,7 +280,7 @@ def build_tree(node: Node) -> SysctlTree:
             "hard limit of the state table",
             lambda: table.limit_states,
             lambda v: table.set_limit_states(int(v)),
-            minimum=1,
+            minimum=LIMIT_STATES_MIN,
             maximum=LIMIT_STATES_MAX,
         )
     )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import grpc
 
 from pfsync.admin import require_admin
@@ -9,6 +12,7 @@ from pfsync.sysctl import Kind, SysctlError, SysctlNode, SysctlTree, Value
 from pfsync.v1 import sysctl_pb2 as pb
 from pfsync.v1 import sysctl_pb2_grpc
 
+T = TypeVar("T")
 _STATUS = {
     "not-found": grpc.StatusCode.NOT_FOUND,
     "invalid": grpc.StatusCode.INVALID_ARGUMENT,
@@ -49,8 +53,13 @@ class SysctlService(sysctl_pb2_grpc.SysctlServiceServicer):
         self.tree = tree
         self.admin_token = admin_token
 
-    async def _fail(self, context: grpc.aio.ServicerContext, exc: SysctlError) -> None:
-        await context.abort(_STATUS[exc.code], str(exc))
+    async def _tree(self, context: grpc.aio.ServicerContext, call: Callable[[], T]) -> T:
+        """Run one tree operation; a SysctlError becomes its gRPC status, in one line."""
+        try:
+            return call()
+        except SysctlError as exc:
+            await context.abort(_STATUS[exc.code], str(exc))
+            raise  # not reached: abort() raises
 
     async def _check_name(self, name: str, context: grpc.aio.ServicerContext) -> None:
         if len(name) > MAX_NAME or not name.isprintable():
@@ -60,26 +69,24 @@ class SysctlService(sysctl_pb2_grpc.SysctlServiceServicer):
         self, request: pb.ListSysctlsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListSysctlsResponse:
         await self._check_name(request.prefix, context)
+        found = await self._tree(context, lambda: self._listing(request.prefix))
+        return pb.ListSysctlsResponse(nodes=[node_to_pb(node, value) for node, value in found])
+
+    def _listing(self, prefix: str) -> list[tuple[SysctlNode, Value]]:
+        """The nodes under ``prefix``, or the struct field it names (``...stats.ins``)."""
         try:
-            nodes = self.tree.list(request.prefix)
+            return [(node, node.get()) for node in self.tree.list(prefix)]
         except SysctlError as exc:
-            try:  # a struct field (net.inet.tcp.vtw.stats.ins)
-                node, value = self.tree.get(request.prefix)
+            try:
+                return [self.tree.get(prefix)]
             except SysctlError:
-                await self._fail(context, exc)
-                raise
-            return pb.ListSysctlsResponse(nodes=[node_to_pb(node, value)])
-        return pb.ListSysctlsResponse(nodes=[node_to_pb(n, n.get()) for n in nodes])
+                raise exc from None
 
     async def GetSysctl(
         self, request: pb.GetSysctlRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetSysctlResponse:
         await self._check_name(request.name, context)
-        try:
-            node, value = self.tree.get(request.name)
-        except SysctlError as exc:
-            await self._fail(context, exc)
-            raise
+        node, value = await self._tree(context, lambda: self.tree.get(request.name))
         return pb.GetSysctlResponse(node=node_to_pb(node, value))
 
     async def SetSysctl(
@@ -87,10 +94,6 @@ class SysctlService(sysctl_pb2_grpc.SysctlServiceServicer):
     ) -> pb.SetSysctlResponse:
         await require_admin(context, self.admin_token)
         await self._check_name(request.name, context)
-        try:
-            old, new = self.tree.set(request.name, request.value)
-        except SysctlError as exc:
-            await self._fail(context, exc)
-            raise
+        old, new = await self._tree(context, lambda: self.tree.set(request.name, request.value))
         node = self.tree.node(request.name)
         return pb.SetSysctlResponse(node=node_to_pb(node, new), previous=node_to_pb(node, old))

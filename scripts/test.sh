@@ -13,4 +13,5 @@ if [ -x node_modules/.bin/buf ]; then
 else
     echo "test: buf not installed (no npm): proto lint and format checks skipped" >&2
 fi
+.venv/bin/mypy
 exec .venv/bin/python -m pytest -q "$@"

@@ -16,8 +16,9 @@
 - ``iplen``: the IP total length (what pf counts in its byte counters).
 
 The packet is a plain tuple, not a NamedTuple or dataclass, on purpose: this runs once
-per packet and a tuple is the cheapest record Python has (bench/bench_decode.py measures
-the alternatives).
+per packet and a tuple is the cheapest record Python has (BENCHMARKS.md, "Design choices
+measured on the hot path": a frozen dataclass per packet costs more than the whole dict
+lookup); the P_* names give the positions instead.
 """
 
 from __future__ import annotations

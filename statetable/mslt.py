@@ -15,7 +15,7 @@ would). IPv6 link-local addresses are on-link by definition and count as local.
 With MSLT off every connection is classless (NetBSD's class 0) and uses the remote MSL.
 
 A state's class is computed once, when it becomes ESTABLISHED (addresses never change),
-and kept in two bits of ``State.flags``.
+and kept in three bits of ``State.flags`` (class + 1, so 0 means "not yet").
 """
 
 from __future__ import annotations

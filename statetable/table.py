@@ -79,7 +79,9 @@ from statetable.vtw import TICKS, WSCALE_BITS, Pool, Vestigial, Vtw, VtwConfig, 
 PASS, BLOCK = 0, 1
 # Results of applying a sync peer's action (see StateTable.apply_state).
 APPLIED, STALE, UNKNOWN, FAILED, BADVAL = range(5)
-# Upper bound of net.pf.limit.states (a C int in pf).
+# The one range of the state limit (--limit-states, the config file, net.pf.limit.states);
+# the upper bound is a C int in pf.
+LIMIT_STATES_MIN = 1
 LIMIT_STATES_MAX = (1 << 31) - 1
 _UNLINKED = tmo.UNLINKED
 # Per protocol: (first, single, multiple) timeouts.
@@ -99,7 +101,7 @@ class TableConfig(BaseModel):
     hostid: int = Field(1, ge=0, le=0xFFFFFFFF)
     # First state id; pf uses (boot time << 32) so ids stay unique across restarts.
     id_base: int = Field(1 << 32, ge=1, lt=1 << 64)
-    limit_states: int = Field(100000, ge=1, le=LIMIT_STATES_MAX)
+    limit_states: int = Field(100000, ge=LIMIT_STATES_MIN, le=LIMIT_STATES_MAX)
     timeouts: dict[str, int] = Field(default_factory=dict)
     mslt: MsltConfig = Field(default_factory=MsltConfig)
     vtw: VtwConfig = Field(default_factory=VtwConfig)
@@ -865,8 +867,8 @@ class StateTable:
 
     def set_limit_states(self, limit: int) -> None:
         """Set the hard limit of full states; states above a lowered limit stay."""
-        if not 1 <= limit <= LIMIT_STATES_MAX:
-            raise ValueError(f"limit must be in 1..{LIMIT_STATES_MAX}")
+        if not LIMIT_STATES_MIN <= limit <= LIMIT_STATES_MAX:
+            raise ValueError(f"limit must be in {LIMIT_STATES_MIN}..{LIMIT_STATES_MAX}")
         self.limit_states = limit
 
     def set_mslt(self, **changes: bool | int) -> None:

@@ -18,7 +18,7 @@ import pytest
 from pfsync.pcap import read_capture
 from statetable import StateTable, TableConfig, decode_frame, keys
 from statetable import timeouts as tmo
-from statetable.counters import PFRES_BADSTATE
+from statetable.counters import PFRES_BADSTATE, PFRES_MATCH
 from statetable.decode import NOT_IP
 from statetable.state import ESTABLISHED, FIN_WAIT_2, MULTIPLE, SINGLE, TIME_WAIT, WSCALE_FLAG
 from statetable.vtw import VtwConfig
@@ -111,7 +111,7 @@ def test_connection_refused(tmp_path: Path) -> None:
     table, conn, frames = run_shape(tmp_path, traffic.connection_refused)
     st = state_of(table, conn)
     assert (st.state, st.dst.state) == (TIME_WAIT, TIME_WAIT)
-    assert frames >= 2
+    assert frames == 2  # the SYN and the RST|ACK that refuses it, nothing else
 
 
 def test_bulk_transfer_with_window_scaling(tmp_path: Path) -> None:
@@ -146,11 +146,11 @@ def test_icmp_echo(tmp_path: Path) -> None:
     st = state_of(table, conn)
     # On loopback request and reply carry the same addresses and id, so both count as
     # the source's: one state, both packets.
-    assert st.packets + st.dst.packets >= 2
+    assert st.packets + st.dst.packets == 2  # the request and the reply
     assert table.count == 1
 
 
-def test_established_mid_capture_states(tmp_path: Path) -> None:
+def test_a_capture_of_several_shapes_ends_in_closed_states(tmp_path: Path) -> None:
     """Every TCP connection of a mixed capture ends in a closed pair of peer states."""
     pcap = tmp_path / "mixed.pcap"
     with traffic.isolated_loopback():
@@ -166,3 +166,27 @@ def test_established_mid_capture_states(tmp_path: Path) -> None:
         st = state_of(table, conn)
         assert st.state >= FIN_WAIT_2 and st.dst.state >= FIN_WAIT_2
         assert st.state >= ESTABLISHED
+
+
+def test_a_connection_picked_up_mid_flow_gets_no_state(tmp_path: Path) -> None:
+    """A capture that starts after the handshake: pf creates TCP states only from a SYN,
+    so every segment of that connection is blocked by the implicit rule (``match``),
+    none is a state-mismatch, and a connection opened during the capture is tracked."""
+    pcap = tmp_path / "midflow.pcap"
+    with traffic.isolated_loopback():
+        client, server = traffic.established_pair()
+        with client, server, traffic.capture_to_pcap(pcap):
+            for _ in range(3):
+                client.sendall(b"ping")
+                assert server.recv(16) == b"ping"
+            later = traffic.client_close_first()
+    table, frames = replay(pcap)
+    assert table.pfres[PFRES_BADSTATE] == 0
+    # The 3 data segments and their acks are all blocked by the implicit rule; `match`
+    # counts those and the one state the later connection created.
+    assert table.blocked >= 3
+    assert table.pfres[PFRES_MATCH] == table.blocked + 1
+    assert table.count == 1
+    st = state_of(table, later)
+    assert st.state >= FIN_WAIT_2 and st.dst.state >= FIN_WAIT_2
+    assert frames == table.passed + table.blocked

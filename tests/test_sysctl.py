@@ -188,7 +188,7 @@ def test_vtw_toggle_at_run_time_loses_no_connection(node_with_config: str) -> No
     stats = pfsysctl(addr, "net.inet.tcp.vtw.stats").stdout.splitlines()
     assert "net.inet.tcp.vtw.stats.ins = 20" in stats
     assert "net.inet.tcp.vtw.stats.class.ipv4.remote.inuse = 20" in stats
-    assert "net.inet.tcp.vtw.stats.class.ipv4.remote.bytes = 62464" in stats  # 1024 x 61 B
+    assert "net.inet.tcp.vtw.stats.class.ipv4.remote.bytes = 65536" in stats  # 1024 x 64 B
 
     out = pfsysctl(addr, "-w", "net.inet.tcp.vtw.enable=0")
     assert out.returncode == 0 and out.stdout == "net.inet.tcp.vtw.enable: 1 -> 0\n"

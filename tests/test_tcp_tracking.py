@@ -1,9 +1,11 @@
 """pf's TCP window tracking (statetable/tcp.py) driven through real frames and a real table.
 
 Every packet is an Ethernet frame from tests/packets.py, decoded by decode_frame() and fed
-to StateTable.test(). The expectations follow REFERENCE.md section 1 and OpenBSD's
-pf_tcp_track_full(). The first part walks hand-built sequences; the second generates
-whole correct conversations (hypothesis) and checks the window-tracking invariants.
+to StateTable.test(). The expectations follow OpenBSD's pf_tcp_track_full() (pf.c): a
+segment must fit the receiver's window (seqlo..seqhi of the other side, scaled), may ack
+at most what was sent, and moves the peer states on SYN/FIN/RST. The first part walks
+hand-built sequences; the second generates whole correct conversations (hypothesis) and
+checks the window-tracking invariants.
 """
 
 from __future__ import annotations

@@ -248,6 +248,11 @@ def _tcp_pair(family: socket.AddressFamily, host: str) -> tuple[socket.socket, s
     return client, server
 
 
+def established_pair(host: str = "127.0.0.1") -> tuple[socket.socket, socket.socket]:
+    """A connected (client, server) TCP pair, for captures that start after the handshake."""
+    return _tcp_pair(_family(host), host)
+
+
 def _describe(shape: str, client: socket.socket, server: socket.socket, proto: int) -> Connection:
     return Connection(
         shape, client.family, proto, client.getsockname()[:2], server.getsockname()[:2]

@@ -2,11 +2,13 @@
 
 The tools are gRPC clients of a node and nothing else: they import the generated
 ``pfsync.v1`` stubs and this module, never ``statetable`` or the daemon. This module owns
-what every tool must do the same way (the contract in DESIGN.md):
+what every tool must do the same way (the tools contract in the README):
 
 - find the node: ``-N/--node``, else ``$PFSYNC_NODE``, else ``127.0.0.1:7070``;
 - find the admin token: ``--token-file``, else ``$PFSYNC_TOKEN`` (the token itself), sent
   as ``authorization: Bearer <token>`` metadata;
+- TLS: ``--tls-ca FILE`` (else ``$PFSYNC_TLS_CA``) connects over TLS, trusting that CA;
+  ``--tls-cert/--tls-key`` add a client certificate for nodes that require one;
 - fail in one line, never a traceback: ``prog: message`` on stderr, exit 2 for usage
   errors, exit 1 for everything else (an unreachable node reads
   ``cannot reach node ADDR: reason``);
@@ -31,11 +33,13 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from pfsync.tls import TLSError, channel_credentials
 from pfsync.v1 import control_pb2_grpc, sysctl_pb2_grpc
 
 DEFAULT_NODE = "127.0.0.1:7070"
 NODE_ENV = "PFSYNC_NODE"
 TOKEN_ENV = "PFSYNC_TOKEN"
+TLS_CA_ENV = "PFSYNC_TLS_CA"
 
 #: Deadline of single request/reply calls. The control API answers in milliseconds; a
 #: node that does not answer within this is treated as unreachable rather than waited on.
@@ -70,6 +74,16 @@ class ToolArgumentParser(argparse.ArgumentParser):
         """Raise ``UsageError`` with argparse's message."""
         raise UsageError(message)
 
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        """Parse, refusing arguments that are not UTF-8 (they cannot go on the wire)."""
+        for arg in sys.argv[1:] if args is None else args:
+            try:
+                str(arg).encode("utf-8")
+            except UnicodeEncodeError:
+                shown = str(arg).encode("utf-8", "surrogateescape")[:40]
+                raise UsageError(f"argument {shown!r} is not UTF-8 text") from None
+        return super().parse_args(args, namespace)
+
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options every tool shares: ``-N/--node``, ``--token-file``, ``--json``."""
@@ -85,6 +99,16 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help=f"file holding the admin token (else env {TOKEN_ENV} holds the token)",
     )
+    parser.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        type=Path,
+        help=f"connect over TLS, trusting this PEM CA (env {TLS_CA_ENV})",
+    )
+    parser.add_argument(
+        "--tls-cert", metavar="FILE", type=Path, help="client certificate (PEM), with --tls-key"
+    )
+    parser.add_argument("--tls-key", metavar="FILE", type=Path, help="client private key (PEM)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
 
 
@@ -94,6 +118,7 @@ class NodeTarget:
 
     address: str
     token: str | None
+    credentials: grpc.ChannelCredentials | None = None  # None: plain text
 
 
 def resolve_target(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> NodeTarget:
@@ -102,7 +127,10 @@ def resolve_target(args: argparse.Namespace, environ: Mapping[str, str] = os.env
     Raises ``UsageError`` when the token file cannot be read or is empty: the user named
     it, so silently sending no token would only produce a confusing refusal later.
     """
+    if args.node is not None and not args.node.strip():
+        raise UsageError("-N needs a node address")
     address = args.node or environ.get(NODE_ENV) or DEFAULT_NODE
+    credentials = _credentials(args, environ)
     if args.token_file is not None:
         try:
             token = args.token_file.read_text(encoding="utf-8").strip()
@@ -114,8 +142,32 @@ def resolve_target(args: argparse.Namespace, environ: Mapping[str, str] = os.env
             raise UsageError(f"token file {args.token_file} is not UTF-8 text") from None
         if not token:
             raise UsageError(f"token file {args.token_file} is empty")
-        return NodeTarget(address, token)
-    return NodeTarget(address, environ.get(TOKEN_ENV, "").strip() or None)
+        return NodeTarget(address, _checked_token(token), credentials)
+    token = environ.get(TOKEN_ENV, "").strip() or None
+    return NodeTarget(address, token and _checked_token(token), credentials)
+
+
+def _checked_token(token: str) -> str:
+    # gRPC metadata values are ASCII; anything else fails deep in gRPC core with a log dump.
+    if not token.isascii() or not token.isprintable():
+        raise UsageError("the token must be printable ASCII")
+    return token
+
+
+def _credentials(
+    args: argparse.Namespace, environ: Mapping[str, str]
+) -> grpc.ChannelCredentials | None:
+    """TLS channel credentials from --tls-ca/--tls-cert/--tls-key (None: plain text)."""
+    ca = getattr(args, "tls_ca", None) or (
+        Path(environ[TLS_CA_ENV]) if environ.get(TLS_CA_ENV) else None
+    )
+    cert, key = getattr(args, "tls_cert", None), getattr(args, "tls_key", None)
+    if ca is None and cert is None and key is None:
+        return None
+    try:
+        return channel_credentials(ca, cert, key)
+    except TLSError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _one_line(text: str) -> str:
@@ -146,7 +198,11 @@ class Node:
         """Open a channel to ``target`` (lazily: nothing is sent until the first call)."""
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target.address)
+        self._channel = (
+            grpc.secure_channel(target.address, target.credentials)
+            if target.credentials is not None
+            else grpc.insecure_channel(target.address)
+        )
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {target.token}"),) if target.token else ()
         )
@@ -162,6 +218,20 @@ class Node:
     def close(self) -> None:
         """Close the channel."""
         self._channel.close()
+
+    @property
+    def channel(self) -> grpc.Channel:
+        """The channel, for multi-callables the stubs do not offer (e.g. pre-encoded requests)."""
+        return self._channel
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The call metadata (the token), for calls made outside ``call`` (e.g. futures)."""
+        return self._metadata
+
+    def failure(self, exc: grpc.RpcError, timeout: float | None = None) -> ToolError:
+        """The one-line ``ToolError`` for a call that failed outside ``call``/``stream``."""
+        return self._failure(exc, self.timeout if timeout is None else timeout)
 
     def call(self, method: Callable[..., Any], request: Message) -> Any:
         """Make a unary call, e.g. ``node.call(node.control.GetInfo, GetInfoRequest())``."""

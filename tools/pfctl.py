@@ -22,9 +22,11 @@ import argparse
 import re
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from google.protobuf.message import Message
 
 from pfsync.v1 import control_pb2 as pb
 from tools.client import (
@@ -112,6 +114,8 @@ def resolve_hosts(spec: str) -> list[pb.AddressMatch]:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM, flags=flags)
     except socket.gaierror as exc:
         raise ToolError(f"{spec}: {exc.strerror}") from None
+    except UnicodeError:  # the idna codec: an empty or over-long label ("a..b")
+        raise UsageError(f"{spec}: not a valid host name") from None
     prefix_len: int | None = None
     if has_prefix:
         # The first result's family bounds the prefix, as in pfctl.
@@ -212,48 +216,68 @@ def _print_lines(lines: Sequence[str]) -> None:
         sys.stdout.write("\n".join(lines) + "\n")
 
 
+@dataclass(frozen=True)
+class _Section:
+    """One unary section of ``-s``: where it comes from and how it is shown."""
+
+    title: str  # above it in ``-s all`` (pfctl's titles)
+    rpc: str  # ControlService method
+    request: type[Message]
+    json_field: str | None  # the field --json keeps (None: the whole response)
+    render: Callable[[Any, int], list[str]]  # (response, verbosity) -> lines
+
+
+# In pfctl's order for ``-s all`` (sync is not part of it, as in pfctl).
+_SECTIONS: dict[str, _Section] = {
+    "info": _Section("INFO:", "GetInfo", pb.GetInfoRequest, None, format_info),
+    "timeouts": _Section(
+        "TIMEOUTS:",
+        "GetTimeouts",
+        pb.GetTimeoutsRequest,
+        "timeouts",
+        lambda m, v: format_timeouts(m),
+    ),
+    "memory": _Section(
+        "LIMITS:", "GetMemory", pb.GetMemoryRequest, "limits", lambda m, v: format_memory(m)
+    ),
+    "sync": _Section(
+        "SYNC:", "GetSyncStatus", pb.GetSyncStatusRequest, None, lambda m, v: format_sync(m)
+    ),
+}
+_IN_ALL = ("info", "timeouts", "memory")
+
+
 def _show(node: Node, what: str, verbose: int, document: dict[str, Any] | None) -> None:
     """Print (or put in ``document``) the sections of ``-s what``, in pfctl's order."""
     titles = _Titles(enabled=what == "all")
     if what in ("states", "all"):
-        stream = node.stream(node.control.ListStates, pb.ListStatesRequest())
+        _show_states(node, verbose, document, titles)
+    for name in _IN_ALL if what == "all" else (what,) if what in _SECTIONS else ():
+        section = _SECTIONS[name]
+        reply = node.call(getattr(node.control, section.rpc), section.request())
         if document is not None:
-            document["states"] = [state_to_json(s) for chunk in stream for s in chunk.states]
+            data = message_to_dict(reply)
+            document[name] = data if section.json_field is None else data[section.json_field]
         else:
-            titled = False
-            for chunk in stream:
-                # pfctl prints the title only above a non-empty table.
-                if chunk.states and not titled:
-                    titles.print("STATES:")
-                    titled = True
-                _print_lines([line for s in chunk.states for line in format_state(s, verbose)])
-    if what in ("info", "all"):
-        info = node.call(node.control.GetInfo, pb.GetInfoRequest())
-        if document is not None:
-            document["info"] = message_to_dict(info)
-        else:
-            titles.print("INFO:")
-            _print_lines(format_info(info, verbose))
-    if what in ("timeouts", "all"):
-        timeouts = node.call(node.control.GetTimeouts, pb.GetTimeoutsRequest())
-        if document is not None:
-            document["timeouts"] = message_to_dict(timeouts)["timeouts"]
-        else:
-            titles.print("TIMEOUTS:")
-            _print_lines(format_timeouts(timeouts))
-    if what == "sync":
-        status = node.call(node.control.GetSyncStatus, pb.GetSyncStatusRequest())
-        if document is not None:
-            document["sync"] = message_to_dict(status)
-        else:
-            _print_lines(format_sync(status))
-    if what in ("memory", "all"):
-        memory = node.call(node.control.GetMemory, pb.GetMemoryRequest())
-        if document is not None:
-            document["memory"] = message_to_dict(memory)["limits"]
-        else:
-            titles.print("LIMITS:")
-            _print_lines(format_memory(memory))
+            titles.print(section.title)
+            _print_lines(section.render(reply, verbose))
+
+
+def _show_states(
+    node: Node, verbose: int, document: dict[str, Any] | None, titles: _Titles
+) -> None:
+    """``-s states``: streamed, printed chunk by chunk."""
+    stream = node.stream(node.control.ListStates, pb.ListStatesRequest())
+    if document is not None:
+        document["states"] = [state_to_json(s) for chunk in stream for s in chunk.states]
+        return
+    titled = False
+    for chunk in stream:
+        # pfctl prints the title only above a non-empty table.
+        if chunk.states and not titled:
+            titles.print("STATES:")
+            titled = True
+        _print_lines([line for s in chunk.states for line in format_state(s, verbose)])
 
 
 class _Say:

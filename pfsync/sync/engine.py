@@ -174,16 +174,17 @@ class PeerLink:
     resume_sequence: int = 0
     # The highest of our sequences the peer acknowledged.
     acked: int = 0
-    # The highest of the peer's sequences we acknowledged (frame.ack) so far.
-    ack_sent: int = 0
-    # When we last sent a frame that only acknowledges (at most one per flush_ms).
-    ack_only_at: float = float("-inf")
+    # We applied a numbered frame of the peer's and owe it an acknowledgement.
+    ack_owed: bool = False
     outbox: deque[pb.SyncFrame] = field(default_factory=deque)
     # Per-peer replies, flushed with the next frames_to_send.
     reply_full: dict[tuple[int, int], State] = field(default_factory=dict)
     reply_requests: dict[tuple[int, int], None] = field(default_factory=dict)
     reply_acks: list[tuple[int, int]] = field(default_factory=list)
     bulk_out: Iterator[list[State]] | None = None
+    # Our sequence when the last bulk update to this peer began: the bulk carries every
+    # change up to it, though the peer applied none of those frames (its ack stays lower).
+    bulk_covers: int = 0
     bulk_in: bool = False
     bulk_received: int = 0
     digest_strikes: int = 0
@@ -299,9 +300,9 @@ class SyncEngine:
         link = self.peers[name]
         link.connected, link.hello_sent, link.superseded = True, False, False
         link.resume_epoch, link.resume_sequence = link.epoch, link.applied
-        link.ack_sent = 0
         link.outbox.clear()
         link.bulk_out = None
+        link.bulk_covers = 0
         link.bulk_in = False
         link.next_digest = now + self.settings.digest_interval
 
@@ -350,6 +351,24 @@ class SyncEngine:
         touched = self._peer_touched
         digest = self.digest
         for ch in changes:
+            if type(ch) is StateUpdated:
+                st = ch.state
+                if st.flags & FLAG_NOSYNC:
+                    continue
+                if ch.old_src != ch.new_src or ch.old_dst != ch.new_dst:
+                    sid, creator, key = st.id, st.creatorid, st.key
+                    digest.replace(
+                        state_hash(sid, creator, key, st.proto, ch.old_src, ch.old_dst),
+                        state_hash(sid, creator, key, st.proto, ch.new_src, ch.new_dst),
+                    )
+                if ch.origin == Origin.PEER:
+                    touched[st] = now
+                    self._release(st.id, st.creatorid)
+                    continue
+                # A local transition (SYN|ACK, FIN, ...) is an update like any other
+                # packet's: it counts towards maxupd, and leaves at once if a peer just
+                # changed the state. On to the packet case below.
+                ch = st
             if type(ch) is State:
                 # The hot case: a packet moved windows/counters/expiry of a state.
                 if ch.flags & FLAG_NOSYNC:
@@ -366,24 +385,6 @@ class SyncEngine:
                         self._urgent = True
                 if touched and ch in touched and now - touched[ch] < PEER_RECENT_SECONDS:
                     self._urgent = True
-            elif type(ch) is StateUpdated:
-                st = ch.state
-                if st.flags & FLAG_NOSYNC:
-                    continue
-                if ch.old_src != ch.new_src or ch.old_dst != ch.new_dst:
-                    sid, creator, key = st.id, st.creatorid, st.key
-                    digest.replace(
-                        state_hash(sid, creator, key, st.proto, ch.old_src, ch.old_dst),
-                        state_hash(sid, creator, key, st.proto, ch.new_src, ch.new_dst),
-                    )
-                if ch.origin == Origin.PEER:
-                    touched[st] = now
-                    self._release(st.id, st.creatorid)
-                    continue
-                if st not in pending:
-                    pending[st] = _UPD_C | _COUNT
-                    if self._first_change is None:
-                        self._first_change = now
             elif type(ch) is StateInserted:
                 st = ch.state
                 if st.flags & FLAG_NOSYNC:
@@ -477,15 +478,23 @@ class SyncEngine:
         waiting = len(self._pending) + len(self._pending_vtw) + len(self._deletes)
         if waiting >= self.settings.frame_states:
             return True
-        return now - self._first_change >= self.settings.flush_ms / 1000
+        # The same sum next_timer() reports: ``now - first >= flush`` can be False at the
+        # very time next_timer() gave (float rounding), and the timer would spin.
+        return now >= self._first_change + self.settings.flush_ms / 1000
 
     def _flush(self, now: float) -> None:
         """Turn everything pending into numbered frames for every peer."""
         first = self._first_change if self._first_change is not None else now
         self._first_change = None
         self._urgent = False
-        if not self.peers:
-            # Nobody to tell: a peer that appears later gets a bulk update.
+        if not self.peers and not self._resume:
+            # Nobody to tell, and nobody who may resume (a listener that had streams keeps
+            # numbering and logging for their return). These changes are in no frame, so
+            # the log must not claim to be complete: skip a sequence and empty the log, and
+            # whoever resumes from before them gets a bulk update (a peer's hello would
+            # otherwise be answered "nothing missed").
+            self.sequence += 1
+            self.log.clear()
             self._pending.clear()
             self._pending_vtw.clear()
             self._deletes.clear()
@@ -503,6 +512,8 @@ class SyncEngine:
         self._clears.clear()
         acks = self._ack_requests
         self._ack_requests = {}
+        if not (pending or vtw or deletes or clears):
+            return  # what was pending cancelled out (an INS removed before the flush)
         timeouts = self.table.timeouts
         out = self.stats.actions_out
         while True:
@@ -511,8 +522,17 @@ class SyncEngine:
                 frame.clear.extend(clears)
                 out["clr"] += len(clears)
                 clears = []
-            chunk, pending = pending[:budget], pending[budget:]
-            room = budget - len(chunk)
+            # Deletes first: a removed state's key may already belong to a new state of
+            # this flush (a SYN reusing a closed connection's ports); inserted ahead of
+            # the delete, the peer found the key taken and dropped the new state.
+            room = budget
+            if deletes:
+                part_ids, deletes = deletes[:room], deletes[room:]
+                wire.put_ids(frame.deletes, part_ids)
+                out["del_c"] += len(part_ids)
+                room -= len(part_ids)
+            chunk, pending = pending[:room], pending[room:]
+            room -= len(chunk)
             ins = [st for st, code in chunk if code & _KIND == _INS]
             upd = [st for st, code in chunk if code & _KIND == _UPD]
             updc = [st for st, code in chunk if code & _KIND == _UPD_C]
@@ -533,10 +553,6 @@ class SyncEngine:
                 wire.put_states(frame.time_wait, part, timeouts, now)
                 out["vtw"] += len(part)
                 room -= len(part)
-            if room > 0 and deletes:
-                part_ids, deletes = deletes[:room], deletes[room:]
-                wire.put_ids(frame.deletes, part_ids)
-                out["del_c"] += len(part_ids)
             self._send_shared(frame, first)
             if not pending and not vtw and not deletes:
                 break
@@ -568,6 +584,14 @@ class SyncEngine:
         if self._must_flush(now):
             self._flush(now)
         out: list[pb.SyncFrame] = []
+        if link.superseded:
+            # A stream that lost to another one to the same node: a hello, then nothing.
+            if not link.hello_sent:
+                out.append(self._hello(link))
+                link.hello_sent = True
+            link.connected = False
+            self._count_out(link, out)
+            return out
         if not link.hello_sent:
             if not link.configured and link.creatorid is None:
                 return out  # a listener speaks once it knows who dialed (its hello)
@@ -583,17 +607,12 @@ class SyncEngine:
             out.append(link.outbox.popleft())
         while link.bulk_out is not None and len(out) < limit:
             out.append(self._bulk_frame(link, now))
-        if (
-            not out
-            and link.applied > link.ack_sent
-            and now - link.ack_only_at >= self.settings.flush_ms / 1000
-        ):
-            # Nothing to send, but frames applied: acknowledge them in an empty frame, so
-            # the peer's lag figures measure replication, not our next digest. At most one
-            # per flush_ms (the driver's ticker wakes the writer that often): one ack per
-            # frame made the one-state-per-frame path 1.5x slower.
-            link.ack_only_at = now
-            out.append(pb.SyncFrame(sender=self.hostid))
+        digest = self._digest_frame(link, now)
+        if digest is not None:
+            out.append(digest)
+        if link.ack_owed and not out:
+            out.append(pb.SyncFrame(sender=self.hostid))  # an acknowledgement alone
+        link.ack_owed = False
         self._count_out(link, out)
         return out
 
@@ -608,7 +627,7 @@ class SyncEngine:
                 + len(frame.compressed.id)
                 + len(frame.deletes.id)
             )
-            frame.ack = link.ack_sent = link.applied
+            frame.ack = link.applied
 
     def _hello(self, link: PeerLink) -> pb.SyncFrame:
         self.stats.actions_out["hello"] += 1
@@ -655,14 +674,25 @@ class SyncEngine:
                 wire.put_states(frame.time_wait, tw, timeouts, now)
                 self.stats.actions_out["vtw"] += len(tw)
             used = used or bool(live or tw)
-        if now >= link.next_digest:
-            link.next_digest = now + self.settings.digest_interval
-            frame.digest.value = self.digest.value
-            frame.digest.states = self.digest.states
-            frame.digest.applied = link.applied
-            self.stats.actions_out["digest"] += 1
-            used = True
         return frame if used else None
+
+    def _digest_frame(self, link: PeerLink, now: float) -> pb.SyncFrame | None:
+        # The digest describes our table after every frame before it on the stream, so it
+        # goes last, and only when nothing of ours is still queued or pending: sent ahead
+        # of our own frames it read as a mismatch on the peer (counted, strikes). A busy
+        # turn skips to the next interval (the peer would not compare it anyway), so
+        # next_timer() does not report a past time over and over.
+        if now < link.next_digest:
+            return None
+        link.next_digest = now + self.settings.digest_interval
+        if link.outbox or link.bulk_out is not None or self._first_change is not None:
+            return None
+        frame = pb.SyncFrame(sender=self.hostid)
+        frame.digest.value = self.digest.value
+        frame.digest.states = self.digest.states
+        frame.digest.applied = link.applied
+        self.stats.actions_out["digest"] += 1
+        return frame
 
     # ---- bulk update -------------------------------------------------------------------
 
@@ -677,6 +707,7 @@ class SyncEngine:
                 yield everything[i : i + size]
 
         link.bulk_out = chunks()
+        link.bulk_covers = self.sequence
         frame = pb.SyncFrame(sender=self.hostid)
         frame.bulk.status = pb.BULK_STATUS_KIND_START
         frame.bulk.creatorid = self.hostid
@@ -711,7 +742,7 @@ class SyncEngine:
     def receive(self, name: str, frame: pb.SyncFrame, now: float, size: int = 0) -> None:
         """Apply a frame from peer ``name``. Bad frames are counted and dropped."""
         link = self.peers.get(name)
-        if link is None or not link.connected:
+        if link is None or not link.connected or link.superseded:
             return
         link.frames_in += 1
         link.bytes_in += size
@@ -736,6 +767,7 @@ class SyncEngine:
             return
         if frame.sequence:
             link.applied = frame.sequence
+            link.ack_owed = True
         if frame.ack:
             self._acked(link, frame.ack, now)
 
@@ -747,12 +779,15 @@ class SyncEngine:
             return
         if link.epoch != hello.epoch:
             saved = self._resume.get(hello.creatorid)
-            # A new process on the other side restarts its sequences.
-            link.applied = saved[1] if saved is not None and saved[0] == hello.epoch else 0
+            # A new process on the other side restarts its sequences; the same one (we
+            # kept where we were in its frames) is resumed, even from sequence 0.
+            known = saved is not None and saved[0] == hello.epoch
+            link.applied = saved[1] if saved is not None and known else 0
             if not link.hello_sent:  # a listener: its hello is not out yet
-                link.resume_epoch = hello.epoch if link.applied else 0
+                link.resume_epoch = hello.epoch if known else 0
                 link.resume_sequence = link.applied
         link.creatorid, link.epoch = hello.creatorid, hello.epoch
+        link.last_error = ""  # the stream works again; what failed before is history
         for other in list(self.peers.values()):
             if other is link or not other.connected or other.creatorid != hello.creatorid:
                 continue
@@ -761,19 +796,26 @@ class SyncEngine:
             mine = self.hostid if link.configured else hello.creatorid
             theirs = self.hostid if other.configured else hello.creatorid
             loser = link if mine > theirs else other
-            loser.superseded, loser.connected = True, False
+            loser.superseded = True
             loser.last_error = "another stream to the same node is used"
             loser.outbox.clear()
+            if loser.hello_sent:
+                loser.connected = False
+            # else: it still says hello (frames_to_send), so the other end learns who we
+            # are and drops the stream too, by the same rule.
             if loser is link:
                 return
-        if hello.resume_epoch == self.epoch and hello.resume_epoch:
+        if not hello.resume_epoch:
+            return  # a fresh peer asks for a bulk update itself (UPD_REQ 0, 0)
+        if hello.resume_epoch == self.epoch:
             frames = self.log.since(hello.resume_sequence, self.sequence)
             if frames is not None:
                 for f in frames:
                     self._enqueue(link, f)
                 return
-            self.stats.bulk_fallbacks += 1
-            self._start_bulk(link)
+        # Its resume point is gone from our log, or belongs to our previous process.
+        self.stats.bulk_fallbacks += 1
+        self._start_bulk(link)
 
     def _apply(self, link: PeerLink, frame: pb.SyncFrame, now: float) -> None:
         table = self.table
@@ -796,6 +838,12 @@ class SyncEngine:
         for creatorid in frame.clear:
             ain["clr"] += 1
             table.clear(creatorid, RemoveReason.FLUSHED, Origin.PEER)
+        # Deletes before states: see _flush (a deleted key may be reused in this frame).
+        for ident in deletes:
+            ain["del_c"] += 1
+            link.states_in += 1
+            if not table.apply_delete(ident[0], ident[1]):
+                self.stats.count("badstate")
         for group, name in ((ins, "ins"), (upd, "upd"), (tw, "vtw")):
             if group:
                 ain[name] += len(group)
@@ -809,11 +857,6 @@ class SyncEngine:
         for ident in requests:
             ain["upd_req"] += 1
             self._update_request(link, ident)
-        for ident in deletes:
-            ain["del_c"] += 1
-            link.states_in += 1
-            if not table.apply_delete(ident[0], ident[1]):
-                self.stats.count("badstate")
         for ident in acks:
             ain["ins_ack"] += 1
             self._release(*ident)
@@ -888,7 +931,7 @@ class SyncEngine:
         link.peer_digest = digest.value
         # Compare only when nothing is in flight either way and no bulk is running.
         quiet = (
-            digest.applied == self.sequence
+            max(digest.applied, link.bulk_covers) == self.sequence
             and self._first_change is None
             and not link.outbox
             and link.bulk_out is None

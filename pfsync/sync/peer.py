@@ -22,10 +22,13 @@ import asyncio
 import logging
 import random
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Literal
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from pfsync.sync.engine import DEFER_SECONDS, SyncEngine
+from pfsync.tls import peer_names
 from pfsync.v1 import sync_pb2 as pb
 from pfsync.v1 import sync_pb2_grpc
 
@@ -55,34 +58,6 @@ BACKOFF_MAX = 5.0
 STOP_DRAIN_SECONDS = 2.0
 
 
-class TlsFiles:
-    """PEM material for mTLS between peers (``--tls-cert``, ``--tls-key``, ``--tls-ca``)."""
-
-    def __init__(self, cert: bytes, key: bytes, ca: bytes) -> None:
-        self.cert, self.key, self.ca = cert, key, ca
-
-    def server(self) -> grpc.ServerCredentials:
-        """Listener credentials: peers must present a certificate signed by the CA."""
-        return grpc.ssl_server_credentials(
-            [(self.key, self.cert)], root_certificates=self.ca, require_client_auth=True
-        )
-
-    def channel(self) -> grpc.ChannelCredentials:
-        """Dialer credentials: our certificate, and the CA that must sign the peer's."""
-        return grpc.ssl_channel_credentials(
-            root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
-        )
-
-
-def peer_names(context: grpc.aio.ServicerContext) -> list[str]:
-    """The names (CN and SANs) in the certificate a peer presented."""
-    auth = context.auth_context()
-    names: list[str] = []
-    for prop in ("x509_common_name", "x509_subject_alternative_name"):
-        names += [v.decode(errors="replace") for v in auth.get(prop, [])]
-    return names
-
-
 class SyncDriver(sync_pb2_grpc.SyncServiceServicer):
     """Runs the engine for a node: its streams, its timers, its readiness."""
 
@@ -92,7 +67,7 @@ class SyncDriver(sync_pb2_grpc.SyncServiceServicer):
         publish: Callable[[], None],
         clock: Callable[[], float],
         peers: Sequence[str] = (),
-        tls: TlsFiles | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
         allow: Sequence[str] = (),
         on_ready: Callable[[bool], None] | None = None,
         listen_address: str = "",
@@ -104,7 +79,8 @@ class SyncDriver(sync_pb2_grpc.SyncServiceServicer):
         self._publish = publish
         self.clock = clock
         self.peer_addresses = list(peers)
-        self.tls = tls
+        # Dialing: TLS credentials (None: plain text); listening: names allowed to sync.
+        self.credentials = credentials
         self.allow = set(allow)
         self._on_ready = on_ready
         self._wake: dict[str, asyncio.Event] = {}
@@ -201,31 +177,62 @@ class SyncDriver(sync_pb2_grpc.SyncServiceServicer):
 
     # ---- one stream's two directions ----------------------------------------------------
 
+    def _undecodable(self, name: str) -> str:
+        """A peer sent bytes that are no frame: count it (``badlen``: its lengths do not
+        fit its bytes); the caller ends that stream only."""
+        self.engine.stats.count("badlen")
+        error = "a frame that is not a SyncFrame message: stream closed"
+        link = self.engine.peers.get(name)
+        if link is not None:
+            link.last_error = error
+        return error
+
     def _receive(self, name: str, frame: pb.SyncFrame) -> None:
-        self.engine.receive(name, frame, self.clock(), frame.ByteSize())
+        try:
+            self.engine.receive(name, frame, self.clock(), frame.ByteSize())
+        except Exception as exc:  # a bug must cost one frame, not the stream or the node
+            log.error("pfsync: a frame from %s was dropped: %s: %s", name, type(exc).__name__, exc)
+            link = self.engine.peers.get(name)
+            if link is not None:
+                link.last_error = f"frame dropped: {type(exc).__name__}: {exc}"
         self.pump()
 
-    async def _outgoing(self, name: str) -> AsyncIterator[pb.SyncFrame]:
-        """The engine's frames for ``name`` as they come, until the engine drops it."""
+    async def _outgoing(
+        self, name: str, reader: asyncio.Future[None] | None = None
+    ) -> AsyncIterator[pb.SyncFrame]:
+        """The engine's frames for ``name`` as they come, until the engine drops the link
+        or (on the listening side) the peer's half of the stream, ``reader``, ends."""
         wake = self._wake.setdefault(name, asyncio.Event())
-        while True:
-            frames = self.engine.frames_to_send(name, self.clock())
-            link = self.engine.peers.get(name)
-            for frame in frames:
-                if link is not None:
-                    link.bytes_out += frame.ByteSize()
-                yield frame
-            if link is None or not link.connected:
-                return
-            if not frames:
-                await wake.wait()
+        waiter: asyncio.Task[Literal[True]] | None = None
+        try:
+            while reader is None or not reader.done():
+                frames = self.engine.frames_to_send(name, self.clock())
+                link = self.engine.peers.get(name)
+                for frame in frames:
+                    if link is not None:
+                        link.bytes_out += frame.ByteSize()
+                    yield frame
+                if link is None or not link.connected:
+                    return
+                if frames:
+                    continue
+                if reader is None:
+                    await wake.wait()
+                else:
+                    waiter = asyncio.ensure_future(wake.wait())
+                    either: set[asyncio.Future[Any]] = {waiter, reader}
+                    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
                 wake.clear()
+        finally:
+            if waiter is not None:
+                waiter.cancel()
 
     # ---- dialing -------------------------------------------------------------------------
 
     def _channel(self, addr: str) -> grpc.aio.Channel:
-        if self.tls is not None:
-            return grpc.aio.secure_channel(addr, self.tls.channel(), options=CHANNEL_OPTIONS)
+        if self.credentials is not None:
+            return grpc.aio.secure_channel(addr, self.credentials, options=CHANNEL_OPTIONS)
         return grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
 
     async def _dial(self, addr: str) -> None:
@@ -236,12 +243,15 @@ class SyncDriver(sync_pb2_grpc.SyncServiceServicer):
                 continue
             error = ""
             async with self._channel(addr) as channel:
-                stub = sync_pb2_grpc.SyncServiceStub(channel)
+                stub = sync_pb2_grpc.SyncServiceStub(channel)  # type: ignore[no-untyped-call]
                 self.engine.peer_up(addr, self.clock(), v6=addr.startswith("["))
                 requests = (pb.ExchangeRequest(frame=f) async for f in self._outgoing(addr))
                 call = stub.Exchange(requests)
                 try:
                     async for response in call:
+                        if response is None:  # grpc logged bytes it could not decode
+                            error = self._undecodable(addr)
+                            break
                         if backoff != BACKOFF_FIRST:
                             log.info("sync stream to %s up", addr)
                             backoff = BACKOFF_FIRST
@@ -264,10 +274,10 @@ class SyncDriver(sync_pb2_grpc.SyncServiceServicer):
     async def Exchange(  # noqa: N802 (gRPC method name)
         self,
         request_iterator: AsyncIterator[pb.ExchangeRequest],
-        context: grpc.aio.ServicerContext,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.ExchangeResponse]:
         """A peer dialed us: run the stream until either side closes it."""
-        if self.tls is not None and self.allow:
+        if self.allow:
             names = peer_names(context)
             if not self.allow.intersection(names):
                 self.engine.stats.count("badauth")
@@ -277,7 +287,7 @@ class SyncDriver(sync_pb2_grpc.SyncServiceServicer):
         self.engine.peer_up(name, self.clock(), v6=context.peer().startswith("ipv6"))
         reader = asyncio.ensure_future(self._read(name, request_iterator))
         try:
-            async for frame in self._outgoing_until(name, reader):
+            async for frame in self._outgoing(name, reader):
                 yield pb.ExchangeResponse(frame=frame)
         finally:
             reader.cancel()
@@ -285,30 +295,8 @@ class SyncDriver(sync_pb2_grpc.SyncServiceServicer):
             self._wake.pop(name, None)
 
     async def _read(self, name: str, requests: AsyncIterator[pb.ExchangeRequest]) -> None:
-        async for request in requests:
-            self._receive(name, request.frame)
-
-    async def _outgoing_until(
-        self, name: str, reader: asyncio.Future[None]
-    ) -> AsyncIterator[pb.SyncFrame]:
-        """Like :meth:`_outgoing`, but ends when the peer's side of the stream ends."""
-        wake = self._wake.setdefault(name, asyncio.Event())
-        waiter: asyncio.Task[bool] | None = None
         try:
-            while not reader.done():
-                frames = self.engine.frames_to_send(name, self.clock())
-                link = self.engine.peers.get(name)
-                for frame in frames:
-                    if link is not None:
-                        link.bytes_out += frame.ByteSize()
-                    yield frame
-                if link is None or not link.connected:
-                    return
-                if not frames:
-                    waiter = asyncio.ensure_future(wake.wait())
-                    await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
-                    waiter.cancel()
-                    wake.clear()
-        finally:
-            if waiter is not None:
-                waiter.cancel()
+            async for request in requests:
+                self._receive(name, request.frame)
+        except DecodeError:
+            self._undecodable(name)

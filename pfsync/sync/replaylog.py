@@ -30,6 +30,10 @@ class ReplayLog:
         """Keep up to ``capacity`` frames from now on (the newest are kept)."""
         self._frames = deque(self._frames, maxlen=max(1, capacity))
 
+    def clear(self) -> None:
+        """Forget every frame (a gap: whoever resumes from before it needs a bulk)."""
+        self._frames.clear()
+
     def append(self, frame: pb.SyncFrame) -> None:
         """Remember a frame just sent (its ``sequence`` must follow the last one)."""
         self._frames.append(frame)

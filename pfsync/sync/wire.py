@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from pfsync.v1 import control_pb2
 from pfsync.v1 import sync_pb2 as pb
@@ -61,7 +62,7 @@ def expire_from_wire(timeout: int, left_ms: int, timeouts: Sequence[int], now: f
     return now + left_ms / 1000 - timeouts[timeout]
 
 
-def put_peers(cols: pb.PeerColumns, peers: list[Peer], counters: bool) -> None:
+def put_peers(cols: pb.PeerColumns, peers: Sequence[Peer], counters: bool) -> None:
     """Append one side of each state to ``cols``."""
     cols.state.extend([p.state + 1 for p in peers])  # control.proto's enum numbers
     cols.seqlo.extend([p.seqlo for p in peers])
@@ -87,7 +88,8 @@ def put_states(
     cols.dst_address.extend([k[2] for k in split])
     cols.dst_port.extend([k[3] for k in split])
     cols.direction.extend([_OUT if st.flags & FLAG_OUT else _IN for st in states])
-    cols.msl_class.extend([(st.flags & MSLT_FLAGS) >> MSLT_SHIFT for st in states])
+    classes = [(st.flags & MSLT_FLAGS) >> MSLT_SHIFT for st in states]  # class + 1: the enum
+    cols.msl_class.extend(cast("list[pb.MslClass]", classes))
     cols.timeout.extend([st.timeout for st in states])
     cols.expires_in_ms.extend([_remaining_ms(st, timeouts, now) for st in states])
     cols.age_ms.extend([max(0, int((now - st.creation) * 1000)) for st in states])
