@@ -348,6 +348,8 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
         node = self.node
         feed, now = node.feed, node.clock()
         verdicts = [feed(f.data, f.linktype, now) for f in request.frames]
+        for f, verdict in zip(request.frames, verdicts, strict=True):
+            node.count_frame(node.inject_source, f.data, verdict)
         # pfsync deferral holds the reply until peers acknowledged the new states.
         await node.settle()
         blocked, errors = verdicts.count(BLOCK), verdicts.count(MALFORMED)
