@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pfsync.netstat_nodes import PoolPeaks, add_interface_node, add_netstat_nodes
 from pfsync.pcap import CaptureError, read_capture
 from pfsync.sysctl import build_tree
 from statetable import PASS, StateTable, TableConfig, decode_frame
@@ -50,6 +51,12 @@ class PacketSource:
     kind: str
     name: str
     frames: int = 0
+    # netstat -i figures (net.interfaces.<ifname>): bytes read, frames too broken to
+    # track (ierrors) and frames pf blocked (drops).
+    bytes: int = 0
+    errors: int = 0
+    blocked: int = 0
+    ifname: str = ""
     done: bool = False
     error: str = ""
     task: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -80,6 +87,10 @@ class Node:
         self.sysctl = build_tree(self)
         self.non_ip = 0
         self.sources: list[PacketSource] = []
+        # Frames of the Inject API, counted as an interface for netstat -i.
+        self.inject_source = PacketSource("inject", "inject")
+        self.pool_peaks = PoolPeaks()
+        add_netstat_nodes(self)
         # Readers of the table's changes (the pfsync driver, watch streams): each gets
         # every change list the node takes from the table (statetable.events).
         self._consumers: list[Callable[[list[object], float], None]] = []
@@ -129,6 +140,16 @@ class Node:
         if self.sync is not None:
             await self.sync.release_deferred()
 
+    def count_frame(self, source: PacketSource, frame: bytes, verdict: int) -> None:
+        """Count one frame of ``source`` for its interface figures."""
+        source.frames += 1
+        source.bytes += len(frame)
+        if verdict:
+            if verdict == MALFORMED:
+                source.errors += 1
+            else:
+                source.blocked += 1
+
     def decoder_counters(self) -> list[tuple[str, int]]:
         """Frames the decoder kept from the table, by reason."""
         return [("non-ip", self.non_ip)]
@@ -146,16 +167,18 @@ class Node:
             await asyncio.sleep(PURGE_PERIOD)
             self.table.purge(self.clock())
             self.publish_changes()
+            self.pool_peaks.sample()
 
     def start_replay(self, path: Path, speed: float) -> PacketSource:
         """Replay a capture file into the table in the background."""
         source = PacketSource("pcap", wire_text(str(path)))
         source.task = asyncio.get_running_loop().create_task(self._replay(source, path, speed))
         self.sources.append(source)
+        add_interface_node(self, source)
         return source
 
     async def _replay(self, source: PacketSource, path: Path, speed: float) -> None:
-        feed, clock = self.feed, self.clock
+        feed, clock, count = self.feed, self.clock, self.count_frame
         start = clock()
         first_ts: float | None = None
         try:
@@ -168,8 +191,7 @@ class Node:
                         await asyncio.sleep(delay)
                 elif source.frames % REPLAY_BATCH == 0:
                     await asyncio.sleep(0)
-                feed(frame, linktype, clock())
-                source.frames += 1
+                count(source, frame, feed(frame, linktype, clock()))
         except CaptureError as exc:
             source.error = wire_text(str(exc))
             log.error("%s", exc)
@@ -193,9 +215,9 @@ class Node:
                 if got is None:
                     return
                 _, linktype, frame = got
-                self.feed(frame, linktype, self.clock())
-                source.frames += 1
+                self.count_frame(source, frame, self.feed(frame, linktype, self.clock()))
 
         loop.add_reader(cap.fileno(), readable)
         self.sources.append(source)
+        add_interface_node(self, source)
         return source

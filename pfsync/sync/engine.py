@@ -284,6 +284,10 @@ class SyncEngine:
         self._next_bulk_request: float | None = None
         self.bulk_gave_up = False
 
+    def pending_changes(self) -> int:
+        """State changes waiting for their frame (kern.pool.sync_pending)."""
+        return len(self._pending) + len(self._pending_vtw) + len(self._deletes) + len(self._clears)
+
     # ---- peers -------------------------------------------------------------------------
 
     def add_peer(self, name: str, now: float, configured: bool = True, v6: bool = False) -> None:
