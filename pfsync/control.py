@@ -7,7 +7,8 @@ import ipaddress
 import math
 import re
 import socket
-from collections.abc import Callable, Iterable, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -19,9 +20,23 @@ from pfsync.node import MALFORMED, Node
 from pfsync.sync.engine import PeerLink
 from pfsync.v1 import control_pb2 as pb
 from pfsync.v1 import control_pb2_grpc
+from pfsync.watch import (
+    INSERT,
+    PACKET,
+    QUEUE_DEFAULT,
+    QUEUE_MAX,
+    QUEUE_MIN,
+    REMOVE,
+    UPDATE,
+    VESTIGIAL,
+    Queued,
+    Watcher,
+    WatchHub,
+)
 from statetable import keys
 from statetable import timeouts as tmo
 from statetable.counters import PFRES_NAMES
+from statetable.events import StateUpdated, StateVestigial, VestigialRemoved
 from statetable.state import FLAG_NOSYNC, TIME_WAIT, WSCALE_FLAG, WSCALE_MASK, Peer, State
 from statetable.table import BLOCK, PASS
 from statetable.vtw import PeerView, Vestigial
@@ -206,6 +221,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
         self.node = node
         self.admin_token = admin_token
         self.listings = ListingGate()
+        self.watches = WatchHub(node.add_consumer, node.remove_consumer, node.publish_changes)
 
     async def _require_admin(self, context: grpc.aio.ServicerContext) -> None:
         await require_admin(context, self.admin_token)
@@ -348,6 +364,10 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
         node = self.node
         feed, now = node.feed, node.clock()
         verdicts = [feed(f.data, f.linktype, now) for f in request.frames]
+        if node.inject_taps:
+            for tap in node.inject_taps:
+                for f in request.frames:
+                    tap.put(now, f.linktype, f.data)
         # pfsync deferral holds the reply until peers acknowledged the new states.
         await node.settle()
         blocked, errors = verdicts.count(BLOCK), verdicts.count(MALFORMED)
@@ -415,6 +435,29 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
         self.node.clear_counters()
         return pb.ClearCountersResponse()
 
+    async def WatchStates(
+        self, request: pb.WatchStatesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchStatesResponse]:
+        try:
+            watcher = _watcher(request)
+        except BadRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise
+        node, hub = self.node, self.watches
+        hub.attach(watcher)
+        try:
+            yield pb.WatchStatesResponse()
+            while True:
+                if not watcher.queue and not watcher.missed:
+                    await watcher.wake.wait()
+                watcher.wake.clear()
+                batch, missed = watcher.take(CHUNK)
+                offset = time.time() - node.clock()
+                events = [_event_to_pb(q, node, offset) for q in batch]
+                yield pb.WatchStatesResponse(events=events, missed=missed)
+        finally:
+            hub.detach(watcher)
+
     async def GetSyncStatus(
         self, request: pb.GetSyncStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetSyncStatusResponse:
@@ -476,3 +519,95 @@ def _sync_peer(link: PeerLink) -> pb.SyncPeer:
         peer.lag_p50.CopyFrom(_duration(min(p50, 1e6) / 1000))
         peer.lag_p99.CopyFrom(_duration(min(p99, 1e6) / 1000))
     return peer
+
+
+# --- WatchStates -------------------------------------------------------------------------
+
+_EVENT_KINDS = {
+    pb.STATE_EVENT_KIND_INSERT: INSERT,
+    pb.STATE_EVENT_KIND_UPDATE: UPDATE,
+    pb.STATE_EVENT_KIND_VESTIGIAL: VESTIGIAL,
+    pb.STATE_EVENT_KIND_REMOVE: REMOVE,
+}
+
+
+def _watcher(request: pb.WatchStatesRequest) -> Watcher:
+    """A Watcher from a request; ``BadRequest`` in one line for a bad field."""
+    address = parse_address(request.address, "address") if request.address else None
+    kinds = set()
+    for kind in request.kinds:
+        if kind not in _EVENT_KINDS:
+            raise BadRequest(f"kinds: {kind} is not a StateEventKind")
+        kinds.add(_EVENT_KINDS[kind])
+    queue = request.queue_events if request.HasField("queue_events") else QUEUE_DEFAULT
+    if not QUEUE_MIN <= queue <= QUEUE_MAX:
+        raise BadRequest(f"queue_events: want {QUEUE_MIN} to {QUEUE_MAX}, got {queue}")
+    interval = None
+    if request.packet_updates:
+        interval = 1.0
+        if request.HasField("packet_update_interval"):
+            interval = request.packet_update_interval.ToNanoseconds() / 1e9
+            if interval < 0.01:
+                raise BadRequest("packet_update_interval: at least 10 ms")
+    if request.proto > 255:
+        raise BadRequest(f"proto: {request.proto} is not an IP protocol number")
+    return Watcher(
+        request.proto, address, frozenset(kinds or _EVENT_KINDS.values()), interval, queue
+    )
+
+
+def _level(proto: int, level: int) -> pb.PeerState:
+    """A PeerState with only its level (the wire enums number pf's levels from 1)."""
+    msg = pb.PeerState()
+    setattr(msg, _state_field(proto), level + 1)
+    return msg
+
+
+def _event_to_pb(queued: Queued, node: Node, offset: float) -> pb.StateEvent:
+    """One queued change on the wire; ``offset`` turns the node clock into wall time."""
+    kind, change, now = queued
+    event = pb.StateEvent(kind=UPDATE if kind == PACKET else kind)
+    event.time.FromNanoseconds(int((now + offset) * 1e9))
+    if type(change) is VestigialRemoved:
+        sa, sp, da, dp = keys.unpack(change.key)
+        event.state.CopyFrom(
+            pb.State(
+                id=f"{change.id:016x}",
+                creatorid=f"{change.creatorid:08x}",
+                af=_FAMILY[len(sa) == 4 and 4 or 6],
+                proto=IPPROTO_TCP,
+                ifname="all",
+                direction=pb.DIRECTION_IN,
+                src_address=address_text(sa),
+                dst_address=address_text(da),
+                src_port=sp,
+                dst_port=dp,
+                src=_level(IPPROTO_TCP, change.src_state),
+                dst=_level(IPPROTO_TCP, change.dst_state),
+                timeout=tmo.name_of(tmo.TIME_WAIT),
+                vestigial=True,
+            )
+        )
+        event.reason = change.reason.value
+        event.from_peer = bool(change.origin)
+        return event
+    st: State = change if kind == PACKET else change.state  # type: ignore[assignment,attr-defined]
+    event.state.CopyFrom(state_to_pb(st, now, node.table.expires_at))
+    if kind != PACKET:
+        event.from_peer = bool(change.origin)  # type: ignore[attr-defined]
+    if type(change) is StateUpdated or type(change) is StateVestigial:
+        event.old_src.CopyFrom(_level(st.proto, change.old_src))
+        event.old_dst.CopyFrom(_level(st.proto, change.old_dst))
+    if type(change) is StateUpdated:
+        setattr(event.state.src, _state_field(st.proto), change.new_src + 1)
+        setattr(event.state.dst, _state_field(st.proto), change.new_dst + 1)
+    elif type(change) is StateVestigial:
+        event.state.vestigial = True
+        event.state.timeout = tmo.name_of(tmo.TIME_WAIT)
+        event.state.expires_in_seconds = max(0, int(change.expire - now + 0.999))
+    elif kind == REMOVE:
+        event.reason = change.reason.value  # type: ignore[attr-defined]
+    elif kind == INSERT:
+        setattr(event.state.src, _state_field(st.proto), change.src_state + 1)  # type: ignore[attr-defined]
+        setattr(event.state.dst, _state_field(st.proto), change.dst_state + 1)  # type: ignore[attr-defined]
+    return event

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pfsync.pcap import CaptureError, read_capture
-from pfsync.sysctl import build_tree
+from pfsync.sysctl import add_bpf_nodes, build_tree
+from pfsync.taps import INJECT_IF, Tap, TapHub
 from statetable import PASS, StateTable, TableConfig, decode_frame
 from statetable.decode import NOT_IP
 from statetable.mslt import Network
@@ -53,6 +54,9 @@ class PacketSource:
     done: bool = False
     error: str = ""
     task: asyncio.Task[None] | None = field(default=None, repr=False)
+    # Its interface name (a capture's own, pcapN for the Nth replay) and the taps on it.
+    ifname: str = ""
+    taps: list[Tap] = field(default_factory=list, repr=False)
 
 
 class Node:
@@ -77,7 +81,11 @@ class Node:
                 local_nets=list(local_nets),
             )
         )
+        # Taps (pfdump) on every packet source; Inject's frames come in on "inject".
+        self.taps = TapHub(clock)
+        self.inject_taps = self.taps.interface(INJECT_IF)
         self.sysctl = build_tree(self)
+        add_bpf_nodes(self.sysctl, self.taps)
         self.non_ip = 0
         self.sources: list[PacketSource] = []
         # Readers of the table's changes (the pfsync driver, watch streams): each gets
@@ -149,13 +157,15 @@ class Node:
 
     def start_replay(self, path: Path, speed: float) -> PacketSource:
         """Replay a capture file into the table in the background."""
-        source = PacketSource("pcap", wire_text(str(path)))
+        ifname = f"pcap{sum(s.kind == 'pcap' for s in self.sources)}"
+        source = PacketSource("pcap", wire_text(str(path)), ifname=ifname)
+        source.taps = self.taps.interface(ifname)
         source.task = asyncio.get_running_loop().create_task(self._replay(source, path, speed))
         self.sources.append(source)
         return source
 
     async def _replay(self, source: PacketSource, path: Path, speed: float) -> None:
-        feed, clock = self.feed, self.clock
+        feed, clock, taps = self.feed, self.clock, source.taps
         start = clock()
         first_ts: float | None = None
         try:
@@ -168,7 +178,11 @@ class Node:
                         await asyncio.sleep(delay)
                 elif source.frames % REPLAY_BATCH == 0:
                     await asyncio.sleep(0)
-                feed(frame, linktype, clock())
+                now = clock()
+                feed(frame, linktype, now)
+                if taps:  # an empty list while nobody taps: the only cost then
+                    for tap in taps:
+                        tap.put(now, linktype, frame)
                 source.frames += 1
         except CaptureError as exc:
             source.error = wire_text(str(exc))
@@ -183,7 +197,8 @@ class Node:
         from pfsync.afpacket import PacketCapture
 
         cap = PacketCapture.open(ifname)  # a bad name raises a one-line OSError
-        source = PacketSource("capture", ifname)
+        source = PacketSource("capture", ifname, ifname=ifname)
+        taps = source.taps = self.taps.interface(ifname)
         loop = asyncio.get_running_loop()
 
         def readable() -> None:
@@ -193,7 +208,11 @@ class Node:
                 if got is None:
                     return
                 _, linktype, frame = got
-                self.feed(frame, linktype, self.clock())
+                now = self.clock()
+                self.feed(frame, linktype, now)
+                if taps:
+                    for tap in taps:
+                        tap.put(now, linktype, frame)
                 source.frames += 1
 
         loop.add_reader(cap.fileno(), readable)
