@@ -71,7 +71,9 @@ class SysctlService(sysctl_pb2_grpc.SysctlServiceServicer):
         await self._check_name(request.prefix, context)
         found = await self._tree(context, lambda: self._listing(request.prefix))
         if any(node.private for node, _ in found) and not is_admin(context, self.admin_token):
-            # Listed, but their values are for admins (GetSysctl says so in one line).
+            if all(node.private for node, _ in found):
+                await require_admin(context, self.admin_token)  # asked for it by name
+            # In a wider listing they are listed, their values left out (admins only).
             found = [(n, v) for n, v in found if not n.private] + [
                 (n, "" if n.kind is Kind.STRING else []) for n, _ in found if n.private
             ]

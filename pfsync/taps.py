@@ -82,7 +82,7 @@ def compile_filter(text: str) -> Match | None:
 
 
 class _Parser:
-    """Recursive descent: expr = term {or term}; term = factor {and factor};
+    """Recursive descent: expr = term {or term}; term = factor {[and] factor};
     factor = not factor | ( expr ) | primitive."""
 
     def __init__(self, tokens: list[str]) -> None:
@@ -106,9 +106,11 @@ class _Parser:
         return tests[0] if len(tests) == 1 else lambda f: any(t(f) for t in tests)
 
     def term(self) -> _Test:
+        # As in tcpdump, juxtaposition is "and" too: "tcp port 80" = "tcp and port 80".
         tests = [self.factor()]
-        while self.peek() in ("and", "&&"):
-            self.pos += 1
+        while self.peek() not in ("", "or", "||", ")"):
+            if self.peek() in ("and", "&&"):
+                self.pos += 1
             tests.append(self.factor())
         return tests[0] if len(tests) == 1 else lambda f: all(t(f) for t in tests)
 
@@ -243,17 +245,19 @@ class Tap:
 
     def take(self, wall_offset: float, max_bytes: int) -> tuple[bytes, int]:
         """Pack buffered frames into records, up to about ``max_bytes``: (records, count)."""
+        # Plain and flat: this runs once per frame on the node's loop (bench_tap.py).
         buf, snaplen, pack = self.buffer, self.snaplen, RECORD.pack
         parts: list[bytes] = []
+        append = parts.append
         size = n = 0
         for now, linktype, frame, direction in buf:
-            data = frame if len(frame) <= snaplen else frame[:snaplen]
-            parts.append(
-                pack(int((now + wall_offset) * 1e9), len(frame), len(data), linktype, direction)
-            )
-            parts.append(data)
+            length = len(frame)
+            if length > snaplen:
+                frame = frame[:snaplen]
+            append(pack(int((now + wall_offset) * 1e9), length, len(frame), linktype, direction))
+            append(frame)
             n += 1
-            size += RECORD.size + len(data)
+            size += length
             if size >= max_bytes:
                 break
         del buf[:n]

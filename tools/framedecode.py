@@ -95,6 +95,8 @@ def decode(data: bytes, linktype: int, length: int, direction: int = 0) -> Decod
         return _decode(data, linktype, length, direction)
     except (IndexError, struct.error, ValueError):
         return Decoded(summary=f"[|truncated], length {length}")
+    except Exception as exc:  # noqa: BLE001 (a line per frame, never a traceback)
+        return Decoded(summary=f"[|undecodable: {type(exc).__name__}], length {length}")
 
 
 def _decode(data: bytes, linktype: int, length: int, direction: int) -> Decoded:
@@ -200,7 +202,7 @@ def _pfsync(data: bytes, length: int, direction: int) -> str:
 
 def _rows(columns: object) -> int | None:
     """Rows of a columns message: the length of its first repeated field (None: not one)."""
-    for descriptor, value in columns.ListFields():  # type: ignore[attr-defined]
-        if descriptor.label == descriptor.LABEL_REPEATED:
+    for _, value in columns.ListFields():  # type: ignore[attr-defined]
+        if not isinstance(value, (bytes, str, int)) and hasattr(value, "__len__"):
             return len(value)
     return None
