@@ -603,6 +603,9 @@ def _event_to_pb(queued: Queued, node: Node, offset: float) -> pb.StateEvent:
         setattr(event.state.dst, _state_field(st.proto), change.new_dst + 1)
     elif type(change) is StateVestigial:
         event.state.vestigial = True
+        # As a vestigial record lists: both peers in TIME_WAIT (old_* say what they were).
+        setattr(event.state.src, _state_field(st.proto), TIME_WAIT + 1)
+        setattr(event.state.dst, _state_field(st.proto), TIME_WAIT + 1)
         event.state.timeout = tmo.name_of(tmo.TIME_WAIT)
         event.state.expires_in_seconds = max(0, int(change.expire - now + 0.999))
     elif kind == REMOVE:

@@ -21,7 +21,8 @@ there; the node never waits for a watcher.
   state per ``-I`` seconds (default 1);
 - ``-c N`` stops after N events; ``--json`` prints one JSON object per event per line.
 
-Usage errors exit 2, an unreachable node 1, never a traceback; Ctrl-C ends it (exit 0).
+Once the watch is in place, ``pfwatch: watching ADDR`` on stderr. Usage errors exit 2, an
+unreachable node 1, never a traceback; Ctrl-C ends it (exit 0).
 """
 
 from __future__ import annotations
@@ -164,7 +165,9 @@ def _run(argv: Sequence[str] | None) -> int:
     with Node(target) as node:
         call = node.control.WatchStates(request, metadata=node.metadata)
         try:
-            for message in call:
+            for n, message in enumerate(call):
+                if n == 0:
+                    print(f"{PROG}: watching {target.address}", file=sys.stderr, flush=True)
                 lines = []
                 for event in message.events:
                     lines.append(_line(event, args.json))
