@@ -3,13 +3,15 @@
     .venv/bin/python bench/bench_watch.py [RATE] [SECONDS]
 
 A node (real grpc.aio ControlService) makes table changes at RATE events/s (default
-50,000) for SECONDS (default 4): whole TCP connections (bench/workload.py lifecycle:
-insert, transitions, TIME_WAIT) fed to the table in 10 ms slices. A watcher in its own
+50,000) for SECONDS (default 4): new UDP states, one frame and one INSERT event each
+(the cheapest change to make, so the node's time goes to the watch, not to tracking),
+fed to the table in 10 ms slices. A watcher in its own
 process (a plain grpc client, counting) streams every change. Printed: events made, events
 the watcher received and missed, the rate the node actually sustained (it also does the
 feeding), and how long after the last change the watcher had everything.
 
-Kept up = nothing missed and the whole stream in within a second of the last change.
+Kept up = the node sustained the rate, nothing missed, and the whole stream in within a
+second of the last change.
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.workload import lifecycle  # noqa: E402
 from pfsync.control import ControlService  # noqa: E402
 from pfsync.node import Node  # noqa: E402
 from pfsync.v1 import control_pb2_grpc  # noqa: E402
+from tests.packets import udp  # noqa: E402
 
 WATCHER = r"""
 import json, sys, time, grpc
@@ -74,7 +76,7 @@ async def run(rate: int, seconds: float) -> dict[str, float]:
     await loop.run_in_executor(None, watcher.stdout.readline)  # "ready"
     flows_per_slice = max(1, int(rate * SLICE / per_flow))
     # Frames built beforehand: building them is the benchmark's work, not the node's.
-    frames = [lifecycle(i) for i in range(want // per_flow + flows_per_slice)]
+    frames = [_flow(i) for i in range(want // per_flow + flows_per_slice)]
     flow = 0
     start = time.perf_counter()
     while made[0] < want:
@@ -112,11 +114,15 @@ def _events(changes: list[object]) -> int:
     return sum(1 for c in changes if type(c) is not State and type(c) is not StateMoved)
 
 
+def _flow(i: int) -> list[bytes]:
+    return [udp(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", "192.0.2.1", 1024, 53)]
+
+
 def _events_per_flow() -> int:
     node = Node(1)
     made = [0]
     node.add_consumer(lambda changes, now: made.__setitem__(0, made[0] + _events(changes)))
-    for frame in lifecycle(0):
+    for frame in _flow(0):
         node.feed(frame, 1, 0.0)
     node.publish_changes()
     return made[0]
@@ -126,7 +132,14 @@ def main() -> None:
     rate = int(sys.argv[1]) if len(sys.argv) > 1 else 50_000
     seconds = float(sys.argv[2]) if len(sys.argv) > 2 else 4.0
     r = asyncio.run(run(rate, seconds))
-    kept = r["missed"] == 0 and r["got"] == r["made"] and r["behind"] < 1.0
+    # The node both makes the changes and serves the watcher: below 95 % of the target
+    # rate it did not keep up either, even when the watcher lost nothing.
+    kept = (
+        r["missed"] == 0
+        and r["got"] == r["made"]
+        and r["behind"] < 1.0
+        and r["rate"] >= 0.95 * rate
+    )
     print(
         f"target {rate:,} events/s for {seconds:g} s: made {r['made']:,.0f} at "
         f"{r['rate']:,.0f} events/s; watcher got {r['got']:,.0f}, missed {r['missed']:,.0f}, "
