@@ -41,6 +41,8 @@ from pfsync.sync.engine import SyncEngine
 from pfsync.sync.peer import SERVER_OPTIONS, SyncDriver
 from pfsync.sysctl import SysctlError, add_sync_nodes
 from pfsync.sysctl_service import SysctlService
+from pfsync.tap_service import TapService
+from pfsync.taps import PFSYNC_IF
 from pfsync.tls import TLSError, channel_credentials, server_credentials
 from pfsync.v1 import (
     control_pb2,
@@ -49,6 +51,8 @@ from pfsync.v1 import (
     sync_pb2_grpc,
     sysctl_pb2,
     sysctl_pb2_grpc,
+    tap_pb2,
+    tap_pb2_grpc,
 )
 from statetable.mslt import Network
 
@@ -259,7 +263,7 @@ class _Running:
         self,
         node: Node,
         config: NodeConfig,
-        services: list[ControlService | SysctlService],
+        services: list[ControlService | SysctlService | TapService],
         access: ReadAccess,
     ) -> None:
         self.node = node
@@ -339,11 +343,14 @@ async def serve(
     sysctl = SysctlService(node.sysctl, secrets.admin_token)
     control_pb2_grpc.add_ControlServiceServicer_to_server(control, server)
     sysctl_pb2_grpc.add_SysctlServiceServicer_to_server(sysctl, server)
+    taps = TapService(node.taps, secrets.admin_token)
+    tap_pb2_grpc.add_TapServiceServicer_to_server(taps, server)
     # Health answers "" (the whole node) and each service by its full name; reflection
     # serves v1 and v1alpha, with the .proto comments (pfsync/reflection.py).
     services = (
         control_pb2.DESCRIPTOR.services_by_name["ControlService"].full_name,
         sysctl_pb2.DESCRIPTOR.services_by_name["SysctlService"].full_name,
+        tap_pb2.DESCRIPTOR.services_by_name["TapService"].full_name,
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -421,7 +428,7 @@ async def serve(
         log.info("Prometheus metrics on http://%s/metrics", config.metrics)
     purge = asyncio.create_task(node.purge_forever())
 
-    running = _Running(node, config, [control, sysctl], access)
+    running = _Running(node, config, [control, sysctl, taps], access)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -499,6 +506,11 @@ async def _start_sync(
     )
     node.add_consumer(driver.consume)
     node.sync = driver
+    # pfsync0: the driver serializes its frames for taps only while one is attached.
+    node.taps.interface(PFSYNC_IF)
+    node.taps.on_sync_tapped = lambda on: setattr(
+        driver, "tap", node.taps.put_sync_frame if on else None
+    )
     sync_server = None
     if listen:
         sync_server = grpc.aio.server(options=SERVER_OPTIONS)

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 
 from pfsync.netstat_nodes import PoolPeaks, add_interface_node, add_netstat_nodes
 from pfsync.pcap import CaptureError, read_capture
-from pfsync.sysctl import build_tree
+from pfsync.sysctl import add_bpf_nodes, build_tree
+from pfsync.taps import INJECT_IF, Tap, TapHub
 from statetable import PASS, StateTable, TableConfig, decode_frame
 from statetable.decode import NOT_IP
 from statetable.mslt import Network
@@ -60,6 +61,9 @@ class PacketSource:
     done: bool = False
     error: str = ""
     task: asyncio.Task[None] | None = field(default=None, repr=False)
+    # Its interface name (a capture's own, pcapN for the Nth replay) and the taps on it.
+    ifname: str = ""
+    taps: list[Tap] = field(default_factory=list, repr=False)
 
 
 class Node:
@@ -84,7 +88,11 @@ class Node:
                 local_nets=list(local_nets),
             )
         )
+        # Taps (pfdump) on every packet source; Inject's frames come in on "inject".
+        self.taps = TapHub(clock)
+        self.inject_taps = self.taps.interface(INJECT_IF)
         self.sysctl = build_tree(self)
+        add_bpf_nodes(self.sysctl, self.taps)
         self.non_ip = 0
         self.sources: list[PacketSource] = []
         # Frames of the Inject API, counted as an interface for netstat -i.
@@ -171,14 +179,16 @@ class Node:
 
     def start_replay(self, path: Path, speed: float) -> PacketSource:
         """Replay a capture file into the table in the background."""
-        source = PacketSource("pcap", wire_text(str(path)))
+        ifname = f"pcap{sum(s.kind == 'pcap' for s in self.sources)}"
+        source = PacketSource("pcap", wire_text(str(path)), ifname=ifname)
+        source.taps = self.taps.interface(ifname)
         source.task = asyncio.get_running_loop().create_task(self._replay(source, path, speed))
         self.sources.append(source)
         add_interface_node(self, source)
         return source
 
     async def _replay(self, source: PacketSource, path: Path, speed: float) -> None:
-        feed, clock, count = self.feed, self.clock, self.count_frame
+        feed, clock, count, taps = self.feed, self.clock, self.count_frame, source.taps
         start = clock()
         first_ts: float | None = None
         try:
@@ -191,7 +201,11 @@ class Node:
                         await asyncio.sleep(delay)
                 elif source.frames % REPLAY_BATCH == 0:
                     await asyncio.sleep(0)
-                count(source, frame, feed(frame, linktype, clock()))
+                now = clock()
+                count(source, frame, feed(frame, linktype, now))
+                if taps:  # an empty list while nobody taps: the only cost then
+                    for tap in taps:
+                        tap.put(now, linktype, frame)
         except CaptureError as exc:
             source.error = wire_text(str(exc))
             log.error("%s", exc)
@@ -205,7 +219,8 @@ class Node:
         from pfsync.afpacket import PacketCapture
 
         cap = PacketCapture.open(ifname)  # a bad name raises a one-line OSError
-        source = PacketSource("capture", ifname)
+        source = PacketSource("capture", ifname, ifname=ifname)
+        taps = source.taps = self.taps.interface(ifname)
         loop = asyncio.get_running_loop()
 
         def readable() -> None:
@@ -215,7 +230,11 @@ class Node:
                 if got is None:
                     return
                 _, linktype, frame = got
-                self.count_frame(source, frame, self.feed(frame, linktype, self.clock()))
+                now = self.clock()
+                self.count_frame(source, frame, self.feed(frame, linktype, now))
+                if taps:
+                    for tap in taps:
+                        tap.put(now, linktype, frame)
 
         loop.add_reader(cap.fileno(), readable)
         self.sources.append(source)

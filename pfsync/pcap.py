@@ -23,7 +23,8 @@ from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, BinaryIO, Self
 
-from statetable.decode import LINKTYPE_ETHERNET
+# pcap LINKTYPE_ETHERNET; not imported from statetable, so tools may use this module alone.
+LINKTYPE_ETHERNET = 1
 
 # A record claiming more than this is corruption, not a packet (Linux GSO frames stay < 64 KiB).
 MAX_CAPLEN = 256 * 1024

@@ -25,6 +25,7 @@ from statetable.vtw import ENTRIES_MAX, ENTRIES_MIN, HashStats
 
 if TYPE_CHECKING:
     from pfsync.node import Node
+    from pfsync.taps import TapHub
 
 Value = int | bool | str | list[tuple[str, int]]
 
@@ -61,6 +62,8 @@ class SysctlNode:
     minimum: int | None = None
     maximum: int | None = None
     power_of_two: bool = False
+    # Readable by admins only (net.bpf.peers: who taps what, as netstat -B is root's).
+    private: bool = False
 
     @property
     def writable(self) -> bool:
@@ -376,3 +379,27 @@ def sync_stats(engine: SyncEngine) -> list[tuple[str, int]]:
     bounds = [f"le_{int(b)}ms" for b in LAG_BUCKETS_MS] + ["inf"]
     fields += [(f"lag.{bound}", n) for bound, n in zip(bounds, lag, strict=True)]
     return fields
+
+
+def add_bpf_nodes(tree: SysctlTree, hub: TapHub) -> None:
+    """net.bpf.stats (tap totals, open to all) and net.bpf.peers (each tap, admins only)."""
+    tree.add(
+        SysctlNode(
+            "net.bpf.stats",
+            Kind.STRUCT,
+            "taps: frames received, captured (matched the filter) and dropped (buffer "
+            "full) by every tap since start; taps attached now (peers) and ever; "
+            "refused attach/list calls (denied)",
+            hub.stats,
+        )
+    )
+    tree.add(
+        SysctlNode(
+            "net.bpf.peers",
+            Kind.STRING,
+            "attached taps, one per line: id pid comm if flags recv drop capt bufsize "
+            "buffered peer as key=value, then filter=EXPR to the end of the line (admin only)",
+            hub.peers_text,
+            private=True,
+        )
+    )

@@ -7,7 +7,7 @@ from typing import TypeVar
 
 import grpc
 
-from pfsync.admin import require_admin
+from pfsync.admin import is_admin, require_admin
 from pfsync.sysctl import Kind, SysctlError, SysctlNode, SysctlTree, Value
 from pfsync.v1 import sysctl_pb2 as pb
 from pfsync.v1 import sysctl_pb2_grpc
@@ -70,6 +70,14 @@ class SysctlService(sysctl_pb2_grpc.SysctlServiceServicer):
     ) -> pb.ListSysctlsResponse:
         await self._check_name(request.prefix, context)
         found = await self._tree(context, lambda: self._listing(request.prefix))
+        if any(node.private for node, _ in found) and not is_admin(context, self.admin_token):
+            if all(node.private for node, _ in found):
+                await require_admin(context, self.admin_token)  # asked for it by name
+            # In a wider listing they are listed, their values left out (admins only).
+            found = [(n, v) for n, v in found if not n.private] + [
+                (n, "" if n.kind is Kind.STRING else []) for n, _ in found if n.private
+            ]
+            found.sort(key=lambda item: item[0].name)
         return pb.ListSysctlsResponse(nodes=[node_to_pb(node, value) for node, value in found])
 
     def _listing(self, prefix: str) -> list[tuple[SysctlNode, Value]]:
@@ -87,6 +95,8 @@ class SysctlService(sysctl_pb2_grpc.SysctlServiceServicer):
     ) -> pb.GetSysctlResponse:
         await self._check_name(request.name, context)
         node, value = await self._tree(context, lambda: self.tree.get(request.name))
+        if node.private:
+            await require_admin(context, self.admin_token)
         return pb.GetSysctlResponse(node=node_to_pb(node, value))
 
     async def SetSysctl(

@@ -1,7 +1,8 @@
 """A client not written in Python: tests/node_client/client.js (@grpc/grpc-js and
 @grpc/proto-loader with default options, loading only proto/) against a real pfsyncd that
 replayed real kernel traffic. The script lists states, filters by a text address, reads and
-sets a sysctl, kills one state by its text id and checks health per service; this test
+sets a sysctl, kills one state by its text id, checks health per service, watches the
+changes with WatchStates and attaches a tap (reading the packed frame records); this test
 checks its JSON report and, through pfctl and pfsysctl, the node's real state afterwards."""
 
 from __future__ import annotations
@@ -86,8 +87,22 @@ def test_node_js_client_lists_sets_kills_and_checks_health(node: str) -> None:  
     assert (kill["found"], kill["killed"]) == (1, 1)
     assert report["after_kill"] == 0
     after = json.loads(pfctl(node, "-s", "states", "--json").stdout)["states"]
+    after = [s for s in after if s["src_address"] != "192.0.2.1"]  # the tapped frame's state
     assert sorted(s["id"] for s in after) == sorted(
         s["id"] for s in before if s["id"] != kill["id"]
+    )
+
+    # The tap on "inject" gave back the injected frame, whole, in a packed record.
+    tap = report["tap"]
+    assert (tap["frame_count"], tap["length"], tap["caplen"], tap["linktype"]) == (1, 46, 46, 1)
+    assert tap["same_bytes"] and tap["captured"] == "1"
+    assert abs(tap["time_ms"] - tap["now_ms"]) < 60_000
+    # WatchStates saw the kill of the victim, and the insert of the injected frame's state.
+    kinds = {(e["kind"], e["id"], e["reason"]) for e in report["events"]}
+    assert (pb.STATE_EVENT_KIND_REMOVE, kill["id"], "killed") in kinds
+    assert any(
+        e["kind"] == pb.STATE_EVENT_KIND_INSERT and e["src_address"] == "192.0.2.1"
+        for e in report["events"]
     )
 
     assert report["bad_address"]["code"] == 3  # INVALID_ARGUMENT

@@ -26,6 +26,7 @@ from pfsync.v1 import sysctl_pb2 as pb
 from tests import traffic
 from tests.packets import SYN, eth, tcp, tcp_options, udp
 from tools import netstat_format as fmt
+from tools.client import ToolError
 from tools.pfnetstat import parse_bpf_peers
 
 BIN = Path(sys.executable).parent
@@ -140,6 +141,7 @@ def test_stats_all_sections_line_by_line(node: str) -> None:
         "icmp:",
         "pf:",
         "pfsync:",
+        "bpf:",
     ]
     pf_at = lines.index("pf:")
     assert lines[pf_at + 1].endswith(" packets passed")
@@ -211,7 +213,7 @@ def test_pfsync_plural_rules() -> None:
 
 def test_stats_json(node: str) -> None:
     document = json.loads("\n".join(ok(node, "-s", "--json")))
-    assert set(document) == {"tcp", "udp", "icmp", "pf", "pfsync"}
+    assert set(document) == {"tcp", "udp", "icmp", "pf", "pfsync", "bpf"}
     assert document["tcp"]["connattempt"] == 2
     assert document["udp"]["states"] == 1
     document = json.loads("\n".join(ok(node, "-s", "-p", "tcp", "-V", "--json")))
@@ -369,13 +371,32 @@ def test_memory(node: str) -> None:
     assert pools["vtw.ipv4.loopback"]["peak"] >= 1
 
 
-def test_bpf_without_taps_says_so_in_one_line(node: str) -> None:
-    for args in (["-B"], ["-s", "-B"], ["-s", "-p", "bpf"]):
-        out = pfnetstat(node, *args)
-        assert out.returncode == 1
-        assert out.stdout == ""
-        assert len(out.stderr.splitlines()) == 1
-        assert "no net.bpf" in out.stderr
+def test_bpf_with_a_real_tap_attached(node: str) -> None:
+    """`-s -B` (totals, for everyone) and `-B` (the taps; loopback is admin) while a real
+    pfdump is attached to the node's inject interface."""
+    dump = subprocess.Popen(
+        [BIN / "pfdump", "-N", node, "-i", "inject", "-c", "1", "udp"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            rows = ok(node, "-B")
+            if len(rows) > 2:
+                break
+            time.sleep(0.1)
+        assert rows[:2] == [
+            "Active BPF peers",
+            "  PID Int            Recv       Drop       Capt Flags  Bufsize Comm",
+        ]
+        fields = rows[2].split()
+        assert fields[1] == "inject" and fields[-2:] == ["pfdump", "[udp]"]
+        assert ok(node, "-s", "-B")[0] == "bpf:"
+    finally:
+        dump.kill()
+        dump.wait(10)
 
 
 def test_bpf_formats_from_a_hand_built_sysctl_reply() -> None:
@@ -401,37 +422,17 @@ def test_bpf_formats_from_a_hand_built_sysctl_reply() -> None:
     peers = pb.SysctlNode(
         name="net.bpf.peers",
         type=pb.SYSCTL_TYPE_STRING,
-        text=json.dumps(
-            [
-                {
-                    "pid": 4242,
-                    "ifname": "pfsync0",
-                    "recv": 120,
-                    "drop": 1,
-                    "capt": 100,
-                    "state": "W",
-                    "promisc": True,
-                    "immediate": True,
-                    "bufsize": 32768,
-                    "comm": "pfdump",
-                    "filter": "tcp port 80",
-                }
-            ]
-        ),
+        text="id=1 pid=4242 comm=pfdump if=pfsync0 flags=W-RS- recv=120 drop=1 capt=100 "
+        "bufsize=32768 buffered=0 peer=ipv4:127.0.0.1:5000 filter=tcp port 80",
     )
     assert fmt.format_bpf_peers(parse_bpf_peers(peers)) == [
         "Active BPF peers",
         "  PID Int            Recv       Drop       Capt Flags  Bufsize Comm",
-        " 4242 pfsync0         120          1        100 WPR--    32768 pfdump [tcp port 80]",
+        " 4242 pfsync0         120          1        100 W-RS-    32768 pfdump [tcp port 80]",
     ]
-    as_struct = pb.SysctlNode(
-        name="net.bpf.peers",
-        type=pb.SYSCTL_TYPE_STRUCT,
-        fields=pb.SysctlStruct(
-            fields=[pb.SysctlField(name="0.pid", value=7), pb.SysctlField(name="0.recv", value=3)]
-        ),
-    )
-    assert parse_bpf_peers(as_struct) == [{"pid": 7, "recv": 3}]
+    unreadable = pb.SysctlNode(name="net.bpf.peers", type=pb.SYSCTL_TYPE_STRING, text="id 1")
+    with pytest.raises(ToolError, match="cannot read 'id'"):
+        parse_bpf_peers(unreadable)
 
 
 # ---- errors -----------------------------------------------------------------------

@@ -34,7 +34,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from pfsync.tls import TLSError, channel_credentials
-from pfsync.v1 import control_pb2_grpc, sysctl_pb2_grpc
+from pfsync.v1 import control_pb2_grpc, sysctl_pb2_grpc, tap_pb2_grpc
 
 DEFAULT_NODE = "127.0.0.1:7070"
 NODE_ENV = "PFSYNC_NODE"
@@ -208,6 +208,7 @@ class Node:
         )
         self.control = control_pb2_grpc.ControlServiceStub(self._channel)
         self.sysctl = sysctl_pb2_grpc.SysctlServiceStub(self._channel)
+        self.taps = tap_pb2_grpc.TapServiceStub(self._channel)
 
     def __enter__(self) -> Node:
         return self
@@ -240,12 +241,15 @@ class Node:
         except grpc.RpcError as exc:
             raise self._failure(exc, self.timeout) from None
 
-    def stream(self, method: Callable[..., Any], request: Message) -> Iterator[Any]:
-        """Make a server-streaming call and yield its messages as they arrive."""
+    def stream(
+        self, method: Callable[..., Any], request: Message, timeout: float | None = STREAM_TIMEOUT
+    ) -> Iterator[Any]:
+        """Make a server-streaming call and yield its messages as they arrive (``timeout``
+        None: no deadline, for live views that run until Ctrl-C)."""
         try:
-            yield from method(request, timeout=STREAM_TIMEOUT, metadata=self._metadata)
+            yield from method(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
-            raise self._failure(exc, STREAM_TIMEOUT) from None
+            raise self._failure(exc, STREAM_TIMEOUT if timeout is None else timeout) from None
 
     def _failure(self, exc: grpc.RpcError, timeout: float) -> ToolError:
         """Turn a failed call into a one-line ``ToolError``."""

@@ -311,6 +311,8 @@ BPF_FLAG_LETTERS = (("promisc", "P"), ("immediate", "R"), ("see_sent", "S"), ("h
 
 def bpf_flags(peer: Mapping[str, Any]) -> str:
     """netstat -B's Flags: state (I idle, W waiting, T timed out, - none), then P/R/S/H."""
+    if "flags" in peer:  # the node's own rendering (net.bpf.peers)
+        return str(peer["flags"])
     state = str(peer.get("state", "-"))[:1] or "-"
     return state + "".join(letter if peer.get(key) else "-" for key, letter in BPF_FLAG_LETTERS)
 

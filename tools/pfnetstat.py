@@ -332,24 +332,25 @@ def _memory(tree: Sysctl, args: Any) -> int:
     return 0
 
 
+_BPF_INTS = ("id", "pid", "recv", "drop", "capt", "bufsize", "buffered")
+
+
 def parse_bpf_peers(node: pb.SysctlNode) -> list[dict[str, Any]]:
-    """The taps of ``net.bpf.peers``: a text node holding a JSON list of objects
-    (pid, ifname, recv, drop, capt, bufsize, comm, filter, state and the flag booleans),
-    or a struct node with ``<i>.<field>`` integer fields."""
-    kind = node.WhichOneof("value")
-    if kind == "text":
-        try:
-            peers = json.loads(node.text or "[]")
-        except ValueError:
-            raise ToolError("net.bpf.peers is not a JSON list") from None
-        if not isinstance(peers, list) or not all(isinstance(p, dict) for p in peers):
-            raise ToolError("net.bpf.peers is not a JSON list of objects")
-        return peers
-    rows: dict[str, dict[str, Any]] = {}
-    for name, value in struct_fields(node).items():
-        index, _, field = name.partition(".")
-        rows.setdefault(index, {})[field] = value
-    return [rows[k] for k in sorted(rows, key=lambda k: int(k) if k.isdigit() else 0)]
+    """The taps of ``net.bpf.peers``: one line per tap, ``key=value`` words (``id pid comm
+    if flags recv drop capt bufsize buffered peer``), then ``filter=`` to the line's end."""
+    if node.WhichOneof("value") != "text":
+        raise ToolError("net.bpf.peers is not a text node")
+    peers: list[dict[str, Any]] = []
+    for line in (node.text or "").splitlines():
+        head, _, expression = line.partition(" filter=")
+        peer: dict[str, Any] = {"filter": expression}
+        for word in head.split():
+            key, sep, value = word.partition("=")
+            if not sep:
+                raise ToolError(f"net.bpf.peers: cannot read {word!r}")
+            peer["ifname" if key == "if" else key] = int(value) if key in _BPF_INTS else value
+        peers.append(peer)
+    return peers
 
 
 def _bpf_peers(tree: Sysctl, args: Any) -> int:

@@ -88,6 +88,9 @@ class SyncDriver(sync_pb2_grpc.SyncServiceServicer):
         self._tick = asyncio.Event()
         self._stopping = False
         self._was_ready: bool | None = None
+        # pfsync0 taps (pfsync.taps): while one is attached, called with every frame in
+        # (False) and out (True), serialized; None costs one test per frame.
+        self.tap: Callable[[bytes, bool], None] | None = None
         now = clock()
         for addr in self.peer_addresses:
             engine.add_peer(addr, now, configured=True, v6=addr.startswith("["))
@@ -188,6 +191,8 @@ class SyncDriver(sync_pb2_grpc.SyncServiceServicer):
         return error
 
     def _receive(self, name: str, frame: pb.SyncFrame) -> None:
+        if self.tap is not None:
+            self.tap(frame.SerializeToString(), False)
         try:
             self.engine.receive(name, frame, self.clock(), frame.ByteSize())
         except Exception as exc:  # a bug must cost one frame, not the stream or the node
@@ -211,6 +216,8 @@ class SyncDriver(sync_pb2_grpc.SyncServiceServicer):
                 for frame in frames:
                     if link is not None:
                         link.bytes_out += frame.ByteSize()
+                    if self.tap is not None:
+                        self.tap(frame.SerializeToString(), True)
                     yield frame
                 if link is None or not link.connected:
                     return

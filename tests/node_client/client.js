@@ -57,9 +57,13 @@ async function main() {
     process.exit(2);
   }
   const creds = grpc.credentials.createInsecure();
-  const pfsync = load(["pfsync/v1/control.proto", "pfsync/v1/sysctl.proto"], [PROTO_ROOT]).pfsync.v1;
+  const pfsync = load(
+    ["pfsync/v1/control.proto", "pfsync/v1/sysctl.proto", "pfsync/v1/tap.proto"],
+    [PROTO_ROOT],
+  ).pfsync.v1;
   const control = new pfsync.ControlService(address, creds);
   const sysctl = new pfsync.SysctlService(address, creds);
+  const taps = new pfsync.TapService(address, creds);
 
   const fs = require("fs");
   const os = require("os");
@@ -74,6 +78,17 @@ async function main() {
   for (const service of ["", "pfsync.v1.ControlService", "pfsync.v1.SysctlService"]) {
     out.health[service] = (await unary(health, "Check", { service })).status;
   }
+
+  // Watch the table's changes (like conntrack -E) while the rest runs; the first
+  // message (no events) says the watch is in place.
+  const events = [];
+  const watch = control.WatchStates({});
+  await new Promise((resolve, reject) => {
+    watch.once("data", resolve);
+    watch.once("error", reject);
+  });
+  watch.on("data", (msg) => events.push(...msg.events));
+  watch.on("error", () => {}); // cancelled at the end
 
   // List states; filter by a text address.
   const states = await listStates(control, {});
@@ -112,6 +127,39 @@ async function main() {
   out.kill = { id: victim.id, creatorid: victim.creatorid, found: found.length, killed: killed.killed };
   out.after_kill = (await listStates(control, { id: victim.id, creatorid: victim.creatorid })).length;
 
+  // Attach a tap to "inject", feed one frame, read it back from the packed records
+  // (tap.proto: 20-byte little-endian header, then the frame).
+  // Ethernet, IPv4 192.0.2.1:1234 -> 192.0.2.2:53, UDP "hihi" (tests/packets.py udp()).
+  const frame = Buffer.from(
+    "0000000000000000000000000800450000200000000040110000c0000201c000020204d20035000c000068696869",
+    "hex",
+  );
+  const tap = taps.Attach({ interface: "inject", filter: "udp port 53", command: "client.js" });
+  const tapped = await new Promise((resolve, reject) => {
+    let attached = false;
+    tap.on("data", (msg) => {
+      if (!attached) {
+        attached = true;
+        unary(control, "Inject", { frames: [{ linktype: 1, data: frame }] }).catch(reject);
+        return;
+      }
+      const rec = msg.records;
+      resolve({
+        frame_count: msg.frameCount,
+        length: rec.readUInt32LE(8),
+        caplen: rec.readUInt32LE(12),
+        linktype: rec.readUInt16LE(16),
+        same_bytes: rec.subarray(20, 20 + rec.readUInt32LE(12)).equals(frame),
+        time_ms: Number(rec.readBigInt64LE(0) / 1000000n),
+        captured: String(msg.counters.captured),
+      });
+    });
+    tap.on("error", reject);
+  });
+  tap.cancel();
+  out.tap = tapped;
+  out.tap.now_ms = Date.now();
+
   // Bad input: one-line INVALID_ARGUMENT.
   try {
     await listStates(control, { address: "not-an-address" });
@@ -120,8 +168,18 @@ async function main() {
     out.bad_address = { code: err.code, details: err.details };
   }
 
+  // The watch saw the kill (and the inserts of the injected frame's state).
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  watch.cancel();
+  out.events = events.map((e) => ({
+    kind: e.kind,
+    id: e.state.id,
+    reason: e.reason || "",
+    src_address: e.state.srcAddress,
+  }));
+
   process.stdout.write(JSON.stringify(out, null, 2) + "\n");
-  for (const client of [control, sysctl, health]) client.close();
+  for (const client of [control, sysctl, taps, health]) client.close();
 }
 
 main().catch((err) => {

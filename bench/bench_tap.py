@@ -1,0 +1,122 @@
+"""What a tap costs the node: replay packet rate with no tap, and with pfdump attached.
+
+    .venv/bin/python bench/bench_tap.py [FLOWS] [ROUNDS]
+
+Builds a capture of real-shaped TCP traffic (bench/workload.py: FLOWS flows, ROUNDS
+data/ACK rounds each; default 2000 x 100 = 406,000 frames), then replays it at full speed
+into a node served over real gRPC, three ways, each best of three:
+
+- ``no tap``: nobody taps pcap0 (the sources' ``if taps:`` test only);
+- ``tap, pfdump -w /dev/null``: a real pfdump process (another core's worth of client)
+  attached to pcap0 for the whole replay, reading every frame;
+- ``tap, filter 'tcp port 80'``: the same with a filter the node evaluates per frame.
+
+It prints frames/s of each and the cost relative to no tap (target: <= 10 %), plus the
+pfdump figures (captured, dropped). The node's work per frame is tracking plus, with a
+tap, counting, buffering and packing records; the client runs in its own process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.workload import established, handshake  # noqa: E402
+from pfsync.node import Node  # noqa: E402
+from pfsync.pcap import PcapWriter  # noqa: E402
+from pfsync.tap_service import TapService  # noqa: E402
+from pfsync.v1 import tap_pb2_grpc  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def make_capture(path: Path, flows: int, rounds: int) -> int:
+    n = 0
+    with PcapWriter(path) as w:
+        for i in range(flows):
+            for frame in handshake(i):
+                w.write(n * 1e-6, frame)
+                n += 1
+        for frame in established(flows, rounds):
+            w.write(n * 1e-6, frame)
+            n += 1
+    return n
+
+
+async def replay_rate(capture: Path, filter_words: list[str] | None) -> tuple[float, str]:
+    """Frames/s of one full-speed replay; with ``filter_words`` a pfdump is attached."""
+    node = Node(0x1A2B3C4D, limit_states=1_000_000)
+    node.taps.interface("pcap0")  # so pfdump can attach before the replay starts
+    server = grpc.aio.server()
+    tap_pb2_grpc.add_TapServiceServicer_to_server(TapService(node.taps), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    dump = None
+    try:
+        if filter_words is not None:
+            dump = subprocess.Popen(
+                [BIN / "pfdump", "-N", f"127.0.0.1:{port}", "-i", "pcap0", "-w", "/dev/null"]
+                + filter_words,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            while not node.taps.taps:
+                await asyncio.sleep(0.01)
+        start = time.perf_counter()
+        source = node.start_replay(capture, 0)
+        assert source.task is not None
+        await source.task
+        elapsed = time.perf_counter() - start
+        note = ""
+        if dump is not None:
+            # Let pfdump take what is buffered, then stop it and read its figures.
+            tap = next(iter(node.taps.taps.values()))
+            deadline = time.monotonic() + 10
+            while tap.buffer and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
+            note = f"tap recv {tap.received} capt {tap.captured} drop {tap.dropped}"
+            dump.send_signal(2)
+            await asyncio.get_running_loop().run_in_executor(None, dump.wait, 10)
+        return source.frames / elapsed, note
+    finally:
+        if dump is not None and dump.poll() is None:
+            dump.kill()
+        await server.stop(None)
+
+
+def main() -> None:
+    flows = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
+    rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 100
+    with tempfile.TemporaryDirectory() as tmp:
+        capture = Path(tmp) / "bench.pcap"
+        frames = make_capture(capture, flows, rounds)
+        print(f"capture: {frames} frames, {flows} flows x {rounds} rounds")
+        cases = [
+            ("no tap", None),
+            ("tap, pfdump -w /dev/null", []),
+            ("tap, filter 'tcp port 80'", ["tcp", "port", "80"]),
+        ]
+        best: dict[str, tuple[float, str]] = {}
+        for _ in range(3):  # interleaved, so machine noise hits every case alike
+            for name, words in cases:
+                rate, note = asyncio.run(replay_rate(capture, words))
+                if name not in best or rate > best[name][0]:
+                    best[name] = (rate, note)
+        base = best["no tap"][0]
+        for name, _ in cases:
+            rate, note = best[name]
+            cost = (1 - rate / base) * 100
+            print(f"{name:28s} {rate:10,.0f} frames/s  cost {cost:5.1f} %  {note}")
+
+
+if __name__ == "__main__":
+    main()

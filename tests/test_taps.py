@@ -1,0 +1,306 @@
+"""Taps and pfdump: real pfsyncd nodes, the real pfdump/pfsysctl console scripts, frames fed
+through Inject and real pfsync streams; pcap files read back with the project's reader."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from pfsync.pcap import read_capture
+from pfsync.taps import FilterError, compile_filter
+from pfsync.v1 import control_pb2 as pb
+from pfsync.v1 import control_pb2_grpc, sync_pb2, tap_pb2, tap_pb2_grpc
+from tests.packets import ACK, SYN, icmp_echo, tcp, udp
+from tests.test_e2e import BIN, free_port
+
+TIME = r"\d\d:\d\d:\d\d\.\d{6}"
+FRAMES = [
+    tcp("10.0.0.1", "10.0.0.2", 40000, 80, SYN, seq=1000),
+    tcp("10.0.0.2", "10.0.0.1", 80, 40000, SYN | ACK, seq=5000, ack=1001),
+    udp("10.0.0.1", "10.0.0.3", 5353, 53, b"q" * 12),
+    icmp_echo("10.0.0.1", "10.0.0.4", 7, seq=3),
+    tcp("2001:db8::1", "2001:db8::2", 40001, 443, SYN, seq=1),
+]
+LINES = [
+    rf"{TIME} IP 10\.0\.0\.1\.40000 > 10\.0\.0\.2\.80: Flags \[S\], seq 1000, win 65535, length 0",
+    rf"{TIME} IP 10\.0\.0\.2\.80 > 10\.0\.0\.1\.40000: Flags \[S\.\], seq 5000, ack 1001, "
+    r"win 65535, length 0",
+    rf"{TIME} IP 10\.0\.0\.1\.5353 > 10\.0\.0\.3\.53: UDP, length 12",
+    rf"{TIME} IP 10\.0\.0\.1 > 10\.0\.0\.4: ICMP echo request, id 7, seq 3, length 8",
+    rf"{TIME} IP6 2001:db8::1\.40001 > 2001:db8::2\.443: Flags \[S\], seq 1, win 65535, length 0",
+]
+
+
+def start_node(*extra: str) -> tuple[subprocess.Popen[str], str]:
+    addr = f"127.0.0.1:{free_port()}"
+    proc = subprocess.Popen(
+        [BIN / "pfsyncd", "--control", addr, "--hostid", "1a2b3c4d", *extra],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        out = subprocess.run(
+            [BIN / "pfctl", "-N", addr, "-s", "info"], capture_output=True, timeout=30
+        )
+        if out.returncode == 0:
+            return proc, addr
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("node did not start")
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    assert proc.wait(10) == 0
+
+
+@pytest.fixture
+def node() -> Iterator[str]:
+    proc, addr = start_node("--sync-listen", "")
+    try:
+        yield addr
+    finally:
+        stop(proc)
+
+
+def inject(addr: str, frames: list[bytes]) -> None:
+    with grpc.insecure_channel(addr) as channel:
+        stub = control_pb2_grpc.ControlServiceStub(channel)
+        stub.Inject(pb.InjectRequest(frames=[pb.Frame(linktype=1, data=f) for f in frames]))
+
+
+def tool(name: str, addr: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [BIN / name, "-N", addr, *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def start_tool(name: str, addr: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [BIN / name, "-N", addr, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def sysctl(addr: str, name: str) -> str:
+    out = tool("pfsysctl", addr, name)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def wait_taps(addr: str, count: int) -> None:
+    """Until the node has ``count`` taps attached (net.bpf.stats.peers)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if sysctl(addr, "net.bpf.stats.peers").split()[-1] == str(count):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"never {count} taps")
+
+
+def finish(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    return out, err
+
+
+def test_pfdump_prints_a_line_per_frame(node: str) -> None:
+    dump = start_tool("pfdump", node, "-i", "inject", "-c", str(len(FRAMES)))
+    wait_taps(node, 1)
+    inject(node, FRAMES)
+    out, err = finish(dump)
+    lines = out.splitlines()
+    assert len(lines) == len(LINES)
+    for line, pattern in zip(lines, LINES, strict=True):
+        assert re.fullmatch(pattern, line), line
+    assert err.splitlines() == [
+        "pfdump: listening on inject (tap 1), snapshot length 262144 bytes",
+        f"{len(FRAMES)} packets captured",
+        f"{len(FRAMES)} packets received by filter",
+        "0 packets dropped by the node",
+    ]
+
+
+def test_pfdump_filter_and_json(node: str) -> None:
+    dump = start_tool("pfdump", node, "-i", "inject", "-c", "2", "--json", "tcp", "port", "80")
+    wait_taps(node, 1)
+    inject(node, FRAMES)
+    out, _ = finish(dump)
+    docs = [json.loads(line) for line in out.splitlines()]
+    assert [(d["src"], d["sport"], d["dst"], d["dport"]) for d in docs] == [
+        ("10.0.0.1", 40000, "10.0.0.2", 80),
+        ("10.0.0.2", 80, "10.0.0.1", 40000),
+    ]
+    assert all(d["proto"] == 6 and d["linktype"] == 1 and d["interface"] == "inject" for d in docs)
+
+
+def test_pfdump_writes_a_pcap_the_reader_opens(node: str, tmp_path: Path) -> None:
+    path = tmp_path / "out.pcap"
+    dump = start_tool("pfdump", node, "-i", "inject", "-c", "5", "-w", str(path), "-s", "40")
+    wait_taps(node, 1)
+    inject(node, FRAMES)
+    finish(dump)
+    got = list(read_capture(path))
+    assert [(linktype, frame) for _, linktype, frame in got] == [(1, f[:40]) for f in FRAMES]
+    assert all(abs(ts - time.time()) < 60 for ts, _, _ in got)
+
+
+def test_a_slow_reader_drops_without_slowing_the_node(node: str) -> None:
+    """A tap of 4 frames whose reader reads nothing: the node takes all 300 frames,
+    the tap keeps 4 and counts the rest as dropped, in the stream and in net.bpf.peers."""
+    with grpc.insecure_channel(node) as channel:
+        stub = tap_pb2_grpc.TapServiceStub(channel)
+        call = stub.Attach(tap_pb2.AttachRequest(interface="inject", buffer_frames=4, pid=42))
+        first = next(call)
+        assert first.frame_count == 0 and first.tap_id == 1
+        frames = [udp("10.0.1.1", "10.0.1.2", 1000 + i, 53) for i in range(300)]
+        started = time.monotonic()
+        inject(node, frames)
+        assert time.monotonic() - started < 10
+        peers = sysctl(node, "net.bpf.peers")
+        assert re.fullmatch(
+            r"net\.bpf\.peers = id=1 pid=42 comm=- if=inject flags=[IW]-RS- recv=300 drop=296 "
+            r"capt=300 bufsize=4 buffered=\d peer=ipv4:127\.0\.0\.1:\d+ filter=\n",
+            peers,
+        ), peers
+        second = next(call)
+        assert second.frame_count == 4
+        assert (second.counters.received, second.counters.dropped) == (300, 296)
+        listed = stub.ListTaps(tap_pb2.ListTapsRequest()).taps
+        assert [(t.interface, t.pid, t.counters.dropped) for t in listed] == [("inject", 42, 296)]
+        call.cancel()
+    wait_taps(node, 0)
+    stats = sysctl(node, "net.bpf.stats").splitlines()
+    assert stats == [
+        "net.bpf.stats.recv = 300",
+        "net.bpf.stats.capt = 300",
+        "net.bpf.stats.drop = 296",
+        "net.bpf.stats.peers = 0",
+        "net.bpf.stats.attached = 1",
+        "net.bpf.stats.denied = 0",
+    ]
+
+
+def test_pfsync0_frames_are_sync_frames(tmp_path: Path) -> None:
+    """Taps on A's pfsync0, then a peer B connects: its hello and bulk frames are tapped."""
+    a_sync = f"127.0.0.1:{free_port()}"
+    a, a_addr = start_node("--sync-listen", a_sync)
+    b = None
+    try:
+        assert tool("pfdump", a_addr, "-i", "pfsync0", "tcp").returncode == 2
+        path = tmp_path / "sync.pcap"
+        dump = start_tool("pfdump", a_addr, "-i", "pfsync0", "-c", "2", "-w", str(path))
+        text = start_tool("pfdump", a_addr, "-i", "pfsync0", "-c", "2")
+        wait_taps(a_addr, 2)
+        b, _ = start_node("--sync-listen", "", "--peer", a_sync, "--hostid", "2b2b2b2b")
+        finish(dump)
+        out, _ = finish(text)
+        got = list(read_capture(path))
+        assert [linktype for _, linktype, _ in got] == [147, 147]
+        senders = {sync_pb2.SyncFrame.FromString(data).sender for _, _, data in got}
+        assert senders <= {0x1A2B3C4D, 0x2B2B2B2B}
+        lines = out.splitlines()
+        assert len(lines) == 2
+        for line in lines:
+            assert re.fullmatch(
+                rf"{TIME} pfsync (In|Out): sender (1a2b3c4d|2b2b2b2b) seq \d+ ack \d+"
+                r"( [A-Za-z_]+( \d+)?)*, length \d+",
+                line,
+            ), line
+        assert any(" hello" in line for line in lines)
+    finally:
+        if b is not None:
+            stop(b)
+        stop(a)
+
+
+def test_admin_only_and_one_line_failures(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    proc, addr = start_node("--sync-listen", "", "--admin-token-file", str(token))
+    try:
+        out = tool("pfdump", addr, "-i", "inject", "-c", "1")
+        assert out.returncode == 1
+        assert len(out.stderr.splitlines()) == 1 and "token" in out.stderr
+        peers = tool("pfsysctl", addr, "net.bpf.peers")
+        assert peers.returncode == 1 and len(peers.stderr.splitlines()) == 1
+        assert sysctl(addr, "net.bpf.stats.denied").split()[-1] == "1"
+        allowed = tool("pfsysctl", addr, "--token-file", str(token), "net.bpf.peers")
+        assert allowed.returncode == 0 and allowed.stdout == "net.bpf.peers = \n"
+    finally:
+        stop(proc)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["-i", "inject", "-c", "0"],
+        ["-i", "inject", "-c", "x"],
+        ["-i", "inject", "-s", "999999999"],
+        ["-i", "inject", "tcp", "port", "99999"],
+        ["-i", "inject", "host", "nohost"],
+        ["-i", "inject", "(", "tcp"],
+        ["-i", "eth9"],
+        ["-i", "inject", "-w", "/nonexistent/dir/x.pcap"],
+    ],
+)
+def test_bad_flags_exit_2_in_one_line(node: str, args: list[str]) -> None:
+    out = tool("pfdump", node, *args)
+    assert out.returncode == 2, out
+    assert len(out.stderr.splitlines()) == 1 and out.stderr.startswith("pfdump: ")
+    assert out.stdout == ""
+
+
+def test_unknown_interface_names_the_known_ones(node: str) -> None:
+    out = tool("pfdump", node, "-i", "eth9")
+    assert out.stderr == "pfdump: no interface 'eth9' on this node (have: inject)\n"
+
+
+def test_unreachable_node_exits_1() -> None:
+    out = tool("pfdump", f"127.0.0.1:{free_port()}", "-i", "inject")
+    assert out.returncode == 1
+    assert re.fullmatch(r"pfdump: cannot reach node 127\.0\.0\.1:\d+: .+\n", out.stderr)
+
+
+def test_filter_language() -> None:
+    cases = {
+        "": [True] * 5,
+        "tcp": [True, True, False, False, True],
+        "tcp port 80": [True, True, False, False, False],
+        "udp or icmp": [False, False, True, True, False],
+        "not tcp and not udp": [False, False, False, True, False],
+        "src host 10.0.0.1 && !(port 53)": [True, False, False, True, False],
+        "dst net 10.0.0.0/30": [True, True, True, False, False],
+        "ip6": [False, False, False, False, True],
+        "src port 40000 || dst port 53": [True, False, True, False, False],
+    }
+    for text, expected in cases.items():
+        match = compile_filter(text)
+        got = [True if match is None else match(f, 1) for f in FRAMES]
+        assert got == expected, text
+    for bad in ("port", "tcp and", "(tcp", "tcp )", "host 1.2.3", "frob", "port -1"):
+        with pytest.raises(FilterError):
+            compile_filter(bad)
+
+
+def test_tools_import_no_statetable() -> None:
+    code = (
+        "import sys, tools.pfdump, tools.pfwatch, tools.framedecode; "
+        "print([m for m in sys.modules if m.startswith(('statetable', 'pfsync.sync', "
+        "'pfsync.node', 'pfsync.control'))])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout == "[]\n", out.stderr
