@@ -306,6 +306,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
                     frames=s.frames,
                     done=s.done,
                     error=s.error,
+                    drops=s.drops,
                 )
                 for s in node.sources
             ],

@@ -50,6 +50,8 @@ class PacketSource:
     kind: str
     name: str
     frames: int = 0
+    # Live capture: frames the kernel dropped because the capture ring was full.
+    drops: int = 0
     done: bool = False
     error: str = ""
     task: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -179,22 +181,36 @@ class Node:
         log.info("replayed %d frames from %s in %.2f s", source.frames, path, elapsed)
 
     def start_capture(self, ifname: str) -> PacketSource:
-        """Track live traffic of an interface (Linux AF_PACKET; needs root)."""
-        from pfsync.afpacket import PacketCapture
+        """Track live traffic of an interface (Linux AF_PACKET ring; needs root).
 
-        cap = PacketCapture.open(ifname)  # a bad name raises a one-line OSError
+        A bad name or missing rights raise a one-line `InterfaceError`. Later trouble never
+        stops the node: an interface that goes down is logged (capture resumes when it is up
+        again); one that disappears ends this source with its error, logged in one line.
+        """
+        from pfsync.afpacket import InterfaceGone, PacketCapture
+
+        cap = PacketCapture.open(ifname)
         source = PacketSource("capture", ifname)
         loop = asyncio.get_running_loop()
+        feed, clock = self.feed, self.clock
 
         def readable() -> None:
-            # At most one batch per wake-up, so a flood cannot starve the API.
-            for _ in range(REPLAY_BATCH):
-                got = cap.recv()
-                if got is None:
-                    return
-                _, linktype, frame = got
-                self.feed(frame, linktype, self.clock())
-                source.frames += 1
+            try:
+                # At most about one batch per wake-up, so a flood cannot starve the API.
+                frames = cap.read_batch(REPLAY_BATCH)
+            except InterfaceGone as exc:
+                loop.remove_reader(cap.fileno())
+                source.drops = cap.stats().dropped
+                cap.close()
+                source.error, source.done = str(exc), True
+                log.error("%s; the node keeps running without it", exc)
+                return
+            for _ts, linktype, frame in frames:
+                feed(frame, linktype, clock())
+            source.frames += len(frames)
+            source.drops = cap.stats().dropped
+            if cap.link_went_down():
+                log.warning("capture on %s: interface went down; waiting for it", ifname)
 
         loop.add_reader(cap.fileno(), readable)
         self.sources.append(source)
