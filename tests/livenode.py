@@ -84,11 +84,16 @@ def _free_port() -> int:
 
 @contextmanager
 def live_node(
-    netns: str, *capture: str, args: tuple[str, ...] = (), log_dir: Path | None = None
+    netns: str,
+    *capture: str,
+    args: tuple[str, ...] = (),
+    log_dir: Path | None = None,
+    exit_code: int = 0,
 ) -> Iterator[LiveNode]:
     """Start ``pfsyncd --capture IFACE...`` in `netns`; wait until `pfctl -s info` answers.
 
-    The node is stopped with SIGTERM afterwards and must exit 0.
+    The node is stopped with SIGTERM afterwards and must exit with `exit_code` (1 when one
+    of its sources failed).
     """
     control = f"127.0.0.1:{_free_port()}"
     argv = [str(BIN / "pfsyncd"), "--control", control]
@@ -118,7 +123,7 @@ def live_node(
                 code = proc.wait()
         else:
             code = proc.returncode
-        assert code == 0, f"node exited {code}: {node.log()}"
+        assert code == exit_code, f"node exited {code}: {node.log()}"
 
 
 def poll(check: Any, timeout: float = 10.0, interval: float = 0.1) -> Any:
