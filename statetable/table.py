@@ -574,9 +574,39 @@ class StateTable:
                     return self._merge_record(new.state, new.dst.state)
             if not new.flags & MSLT_FLAGS and new.state >= ESTABLISHED and new.proto == IPPROTO_TCP:
                 new.flags |= class_flags(self.mslt.classify(new.key))
+            if not self._settle_collision(new):
+                self.pfres[PFRES_STATEINS] += 1
+                return FAILED
             return APPLIED if self.insert(new) else FAILED
         finally:
             self._origin = Origin.LOCAL
+
+    def _settle_collision(self, new: State) -> bool:
+        """Make room for a peer's state whose connection we already track; False: refuse it.
+
+        Two nodes that both see a connection's packets (mirrored or asymmetric paths) each
+        make a state for it, with their own creatorid. pfsync refuses the second by key
+        (badstate), and each node keeps its own identity for the connection for good, so
+        their tables never agree. Here the state of the lower creatorid wins on both nodes:
+        ours gives way to a peer's lower one (removed quietly: the peer never held it), and
+        a higher one is refused as pfsync refuses it. Both tables then hold the same state.
+        A TIME_WAIT record meeting a live state is a new connection on the same ports, not
+        a collision: `insert` lets the new one supersede it.
+        """
+        tab = self._by_proto.get(new.proto)
+        rkey = keys.reverse(new.key)
+        cur = tab.get(new.key) or tab.get(rkey) if tab else None
+        if cur is not None:
+            if new.creatorid < cur.creatorid:
+                self.remove(cur, RemoveReason.PEER)
+            return True  # a higher one: insert refuses it by key
+        closed = new.state >= FIN_WAIT_2 and new.dst.state >= FIN_WAIT_2
+        if new.proto == IPPROTO_TCP and closed and self.vtw.live:
+            hit = self.vtw.find(new.key, rkey)
+            if hit is not None:
+                _id, creatorid = self._record_identity(hit[0], hit[1])
+                return new.creatorid <= creatorid
+        return True
 
     def apply_compressed(
         self,
