@@ -21,6 +21,18 @@ from pfsync.config import is_loopback_peer
 OPEN_METHODS = ("/grpc.health.v1.Health/",)
 
 
+class Refusals:
+    """Calls refused for want of rights, by kind (``net.pf.api.denied`` shows ``admin``)."""
+
+    def __init__(self) -> None:
+        self.admin = 0
+        self.read = 0
+
+
+# One per process (a process runs one node): every service counts into it.
+REFUSALS = Refusals()
+
+
 def _bearer_matches(given: str, token: str) -> bool:
     # Constant-time; an empty token never matches (it would accept "Bearer ").
     return bool(token) and hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
@@ -30,6 +42,7 @@ async def require_admin(context: grpc.aio.ServicerContext, token: str | None) ->
     """Abort the call unless it carries the admin token (or, with none set, is local)."""
     if token is None:
         if not is_loopback_peer(context.peer()):
+            REFUSALS.admin += 1
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED, "admin calls are allowed from loopback only"
             )
@@ -37,6 +50,7 @@ async def require_admin(context: grpc.aio.ServicerContext, token: str | None) ->
     metadata = dict(context.invocation_metadata() or ())
     given = str(metadata.get("authorization", ""))
     if not _bearer_matches(given, token):
+        REFUSALS.admin += 1
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong admin token")
 
 
@@ -78,6 +92,7 @@ class ReadAccess(grpc.aio.ServerInterceptor):
 
 
 async def _refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+    REFUSALS.read += 1
     await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong read token")
 
 

@@ -51,6 +51,7 @@ class NodeConfig(BaseSettings):
     pcap: list[Path] = Field(default_factory=list, description="capture files to replay")
     replay_speed: float = Field(0.0, ge=0.0, description="0: as fast as possible, 1: real time")
     capture: list[str] = Field(default_factory=list, description="interfaces to capture on")
+    metrics: str | None = Field(None, description="Prometheus endpoint HOST:PORT (off if unset)")
     limit_states: int = Field(
         100000, ge=LIMIT_STATES_MIN, le=LIMIT_STATES_MAX, description="hard state limit"
     )
@@ -107,6 +108,11 @@ class NodeConfig(BaseSettings):
     @field_validator("sync_listen")
     @classmethod
     def _sync_address(cls, value: str | None) -> str | None:
+        return _host_port(value) if value else value
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics_address(cls, value: str | None) -> str | None:
         return _host_port(value) if value else value
 
     @field_validator("peer")

@@ -32,7 +32,9 @@ from pfsync.admin import ReadAccess
 from pfsync.config import ConfigError, NodeConfig, load_config, read_token_file
 from pfsync.control import ControlService
 from pfsync.logs import limit_grpc_call_errors
+from pfsync.metrics import registry_for, serve_metrics
 from pfsync.netif import local_networks, parse_networks
+from pfsync.netstat_nodes import add_sync_netstat_nodes
 from pfsync.node import Node
 from pfsync.reflection import enable_reflection
 from pfsync.sync.engine import SyncEngine
@@ -114,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="IFACE",
         help="track live traffic of an interface (Linux AF_PACKET, root; repeatable)",
+    )
+    p.add_argument(
+        "--metrics", metavar="ADDR", help="serve Prometheus metrics on HOST:PORT (default off)"
     )
     p.add_argument(
         "--limit-states", type=int, metavar="N", help="hard state limit (default 100000)"
@@ -321,6 +326,7 @@ async def serve(
     node = Node(config.hostid, limit_states=config.limit_states, local_nets=_local_nets(config))
     engine = SyncEngine(node.table)
     add_sync_nodes(node.sysctl, engine)
+    add_sync_netstat_nodes(node, engine)
     try:
         for name, value in config.sysctl.items():
             node.sysctl.set(name, _sysctl_text(value))
@@ -400,6 +406,19 @@ async def serve(
         return 1
     for path in config.pcap:
         node.start_replay(path, config.replay_speed)
+    metrics = None
+    if config.metrics:
+        try:
+            metrics = await serve_metrics(config.metrics, registry_for(node, engine))
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            print(
+                f"{PROG}: cannot serve metrics on {config.metrics}: {reason}",
+                file=sys.stderr,
+            )
+            await server.stop(None)
+            return 1
+        log.info("Prometheus metrics on http://%s/metrics", config.metrics)
     purge = asyncio.create_task(node.purge_forever())
 
     running = _Running(node, config, [control, sysctl], access)
@@ -418,6 +437,8 @@ async def serve(
         task.cancel()
     await asyncio.gather(*replays, return_exceptions=True)
     purge.cancel()
+    if metrics is not None:
+        metrics.close()
     if driver is not None:
         await driver.stop()
     if sync_server is not None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pfsync.netstat_nodes import PoolPeaks, add_interface_node, add_netstat_nodes
 from pfsync.pcap import CaptureError, read_capture
 from pfsync.sysctl import build_tree
 from statetable import PASS, StateTable, TableConfig, decode_frame
@@ -50,8 +51,15 @@ class PacketSource:
     kind: str
     name: str
     frames: int = 0
-    # Live capture: frames the kernel dropped because the capture ring was full.
-    drops: int = 0
+    # netstat -i figures (net.interfaces.<ifname>): bytes read, frames too broken to
+    # track (ierrors) and frames pf blocked (drops).
+    bytes: int = 0
+    errors: int = 0
+    blocked: int = 0
+    ifname: str = ""
+    # Live capture: frames the kernel dropped because the capture ring was full (GetInfo's
+    # PacketSource.drops; also counted in the interface's drops).
+    kernel_drops: int = 0
     done: bool = False
     error: str = ""
     task: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -82,6 +90,10 @@ class Node:
         self.sysctl = build_tree(self)
         self.non_ip = 0
         self.sources: list[PacketSource] = []
+        # Frames of the Inject API, counted as an interface for netstat -i.
+        self.inject_source = PacketSource("inject", "inject")
+        self.pool_peaks = PoolPeaks()
+        add_netstat_nodes(self)
         # Readers of the table's changes (the pfsync driver, watch streams): each gets
         # every change list the node takes from the table (statetable.events).
         self._consumers: list[Callable[[list[object], float], None]] = []
@@ -131,6 +143,16 @@ class Node:
         if self.sync is not None:
             await self.sync.release_deferred()
 
+    def count_frame(self, source: PacketSource, frame: bytes, verdict: int) -> None:
+        """Count one frame of ``source`` for its interface figures."""
+        source.frames += 1
+        source.bytes += len(frame)
+        if verdict:
+            if verdict == MALFORMED:
+                source.errors += 1
+            else:
+                source.blocked += 1
+
     def decoder_counters(self) -> list[tuple[str, int]]:
         """Frames the decoder kept from the table, by reason."""
         return [("non-ip", self.non_ip)]
@@ -148,16 +170,18 @@ class Node:
             await asyncio.sleep(PURGE_PERIOD)
             self.table.purge(self.clock())
             self.publish_changes()
+            self.pool_peaks.sample()
 
     def start_replay(self, path: Path, speed: float) -> PacketSource:
         """Replay a capture file into the table in the background."""
         source = PacketSource("pcap", wire_text(str(path)))
         source.task = asyncio.get_running_loop().create_task(self._replay(source, path, speed))
         self.sources.append(source)
+        add_interface_node(self, source)
         return source
 
     async def _replay(self, source: PacketSource, path: Path, speed: float) -> None:
-        feed, clock = self.feed, self.clock
+        feed, clock, count = self.feed, self.clock, self.count_frame
         start = clock()
         first_ts: float | None = None
         try:
@@ -170,8 +194,7 @@ class Node:
                         await asyncio.sleep(delay)
                 elif source.frames % REPLAY_BATCH == 0:
                     await asyncio.sleep(0)
-                feed(frame, linktype, clock())
-                source.frames += 1
+                count(source, frame, feed(frame, linktype, clock()))
         except CaptureError as exc:
             source.error = wire_text(str(exc))
             log.error("%s", exc)
@@ -192,7 +215,7 @@ class Node:
         cap = PacketCapture.open(ifname)
         source = PacketSource("capture", ifname)
         loop = asyncio.get_running_loop()
-        feed, clock = self.feed, self.clock
+        feed, clock, count = self.feed, self.clock, self.count_frame
 
         def readable() -> None:
             try:
@@ -200,18 +223,18 @@ class Node:
                 frames = cap.read_batch(REPLAY_BATCH)
             except InterfaceGone as exc:
                 loop.remove_reader(cap.fileno())
-                source.drops = cap.stats().dropped
+                source.kernel_drops = cap.stats().dropped
                 cap.close()
                 source.error, source.done = str(exc), True
                 log.error("%s; the node keeps running without it", exc)
                 return
             for _ts, linktype, frame in frames:
-                feed(frame, linktype, clock())
-            source.frames += len(frames)
-            source.drops = cap.stats().dropped
+                count(source, frame, feed(frame, linktype, clock()))
+            source.kernel_drops = cap.stats().dropped
             if cap.link_went_down():
                 log.warning("capture on %s: interface went down; waiting for it", ifname)
 
         loop.add_reader(cap.fileno(), readable)
         self.sources.append(source)
+        add_interface_node(self, source)
         return source

@@ -320,6 +320,7 @@ def add_sync_nodes(tree: SysctlTree, engine: SyncEngine) -> None:
         ("flush_ms", Kind.INT, "longest a change waits for more before its frame leaves (ms)"),
         ("defer", Kind.BOOL, "hold a new state's first packet until a peer acknowledges it"),
         ("replay_log", Kind.INT, "frames kept for peers that reconnect (resume, not resend)"),
+        ("frame_states", Kind.INT, "states a frame carries before it leaves (1: one per frame)"),
     ):
         low, high = model_range(SyncSettings, field) if kind is Kind.INT else (None, None)
         tree.add(

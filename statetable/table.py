@@ -35,6 +35,7 @@ from statetable.counters import (
     PFRES_MAXSTATES,
     PFRES_NAMES,
     PFRES_STATEINS,
+    ProtoStats,
 )
 from statetable.decode import (
     IPPROTO_ICMP,
@@ -49,6 +50,7 @@ from statetable.decode import (
     P_OPT,
     P_SEQ,
     P_WIN,
+    TH_RST,
     TH_SYN,
     Packet,
 )
@@ -146,6 +148,7 @@ class StateTable:
         self.fcounters: list[int] = [0, 0, 0]
         self.passed = 0
         self.blocked = 0
+        self.stats = ProtoStats()
         self.mslt = Mslt(config.mslt, config.local_nets)
         self.vtw = Vtw(config.vtw)
         self.vtw.on_remove = self._record_removed
@@ -204,14 +207,19 @@ class StateTable:
             old_src = st.state
             old_dst = st.dst.state
             if not tcp.track(st, fwd, flags, seq, ack, win, dlen, opt, now):
-                self.pfres[PFRES_BADSTATE] += 1
-                self.blocked += 1
-                return BLOCK
+                return self._mismatch()
             if old_src < ESTABLISHED <= st.state:
                 self.half_open -= 1
+                self.stats.tcp_accepts += 1
                 if not st.flags & MSLT_FLAGS:
                     st.flags |= class_flags(self.mslt.classify(key))
+            if old_dst < ESTABLISHED and st.dst.state >= ESTABLISHED:
+                self.stats.tcp_connects += 1
             if st.state >= FIN_WAIT_2 and st.dst.state >= FIN_WAIT_2:
+                if flags & TH_RST:
+                    self.stats.tcp_resets += 1
+                else:
+                    self.stats.tcp_closed += 1
                 self._enter_time_wait(st, now, old_src, old_dst)
             elif self._changes is not None:
                 if st.state == old_src and st.dst.state == old_dst:
@@ -281,6 +289,7 @@ class StateTable:
             return self._create_tcp(pkt, now)
         else:
             return self._mismatch()
+        self.stats.tcp_timewait_passed += 1
         self.passed += 1
         return PASS
 
@@ -312,6 +321,7 @@ class StateTable:
             return self._create_tcp(pkt, now)
         else:
             return self._mismatch()
+        self.stats.tcp_timewait_passed += 1
         self.passed += 1
         return PASS
 
@@ -337,6 +347,8 @@ class StateTable:
         return self._no_state()
 
     def _mismatch(self) -> int:
+        """A TCP segment that does not fit its state's windows."""
+        self.stats.tcp_badstate += 1
         self.pfres[PFRES_BADSTATE] += 1
         self.blocked += 1
         return BLOCK
@@ -368,6 +380,7 @@ class StateTable:
 
     def _no_state(self) -> int:
         # Neither matches a state nor may create one: the implicit "block" rule matched.
+        self.stats.tcp_nostate += 1
         self.pfres[PFRES_MATCH] += 1
         self.blocked += 1
         return BLOCK
@@ -378,6 +391,7 @@ class StateTable:
         if st is None:
             return BLOCK
         tcp.init_state(st, pkt[P_FLAGS], pkt[P_SEQ], pkt[P_WIN], pkt[P_DLEN], pkt[P_OPT])
+        self.stats.tcp_connattempt += 1
         st.timeout = tmo.TCP_FIRST
         st.traffic = PACKET + pkt[P_IPLEN]
         self.half_open += 1
@@ -401,9 +415,15 @@ class StateTable:
                 st.traffic = PACKET + iplen
                 if proto == IPPROTO_ICMP or proto == IPPROTO_ICMPV6:
                     st.timeout = tmo.ICMP_FIRST
+                    self.stats.icmp_states += 1
                 else:
                     st.state = SINGLE
-                    st.timeout = tmo.UDP_FIRST if proto == IPPROTO_UDP else tmo.OTHER_FIRST
+                    if proto == IPPROTO_UDP:
+                        st.timeout = tmo.UDP_FIRST
+                        self.stats.udp_states += 1
+                    else:
+                        st.timeout = tmo.OTHER_FIRST
+                        self.stats.other_states += 1
                 self._link(st)
                 return PASS
         src: Peer
@@ -446,9 +466,13 @@ class StateTable:
             and self.vtw.live
             and self.vtw.find(key, rkey) is not None
         ):
+            self.stats.icmp_errors_passed += 1
             self.passed += 1
             return PASS
-        return self._mismatch()
+        self.stats.icmp_errors_blocked += 1
+        self.pfres[PFRES_BADSTATE] += 1
+        self.blocked += 1
+        return BLOCK
 
     # ---- creation, insertion, removal ------------------------------------------------
 
@@ -770,6 +794,10 @@ class StateTable:
         st = tab.get(keys.reverse(key))
         return None if st is None else (st, False)
 
+    def proto_count(self, proto: int) -> int:
+        """How many full states of one protocol the table holds."""
+        return len(self._by_proto.get(proto, ()))
+
     def states(self) -> Iterator[State]:
         """Every full state (snapshot: safe against removal while iterating)."""
         for tab in list(self._by_proto.values()):
@@ -924,6 +952,7 @@ class StateTable:
         self.pfres = [0] * len(PFRES_NAMES)
         self.fcounters = [0, 0, 0]
         self.passed = self.blocked = 0
+        self.stats = ProtoStats()
 
     def new_id(self) -> int:
         """Reserve a state id of this host (for states built outside ``test``)."""

@@ -32,8 +32,9 @@ def _openssl(*args: str) -> None:
 
 
 def make_ca(where: Path, name: str = "pfsyncd test CA") -> Pem:
-    """A self-signed CA (EC P-256, valid one day)."""
-    ca = Pem(where / "ca.crt", where / "ca.key")
+    """A self-signed CA (EC P-256, valid one day); its files are named after it."""
+    slug = name.replace(" ", "-")
+    ca = Pem(where / f"{slug}.crt", where / f"{slug}.key")
     _openssl(
         "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
         "-keyout", str(ca.key), "-out", str(ca.cert), "-days", "1", "-subj", f"/CN={name}",

@@ -90,6 +90,15 @@ def test_the_node_exports_the_kernel_drops_of_its_interface() -> None:
             verbose = node.pfctl("-s", "info", "-v").stdout
             row = next(r for r in verbose.splitlines() if r.strip().startswith("capture pfveth1"))
             assert row.split()[-1] == source["drops"], verbose
+            # The interface counters (netstat -i) count them among the interface's drops.
+            sysctl = subprocess.run(
+                ["ip", "netns", "exec", node.netns, BIN / "pfsysctl", "-N", node.control]
+                + ["-n", "net.interfaces.pfveth1.drops"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert int(sysctl.stdout) >= int(source["drops"]), sysctl
 
 
 def _quiet_source(node: object) -> dict[str, str] | None:

@@ -856,9 +856,12 @@ def test_without_an_answer_bulk_requests_repeat_every_2s_and_give_up_after_12() 
     requests = []
     for f in b.engine.frames_to_send(b.links["a"], T0):
         if f.HasField("hello"):
-            deliver(f, a, b)  # a knows b, but nothing a sends ever arrives
+            deliver(f, a, b)  # the hellos cross, but a never answers a bulk request
         if (0, 0) in wire.read_ids(f.update_requests):
             requests.append(T0)
+    for f in a.engine.frames_to_send(a.links["b"], T0):
+        if f.HasField("hello"):
+            deliver(f, b, a)
     now = T0
     while now < T0 + 40:
         b.engine.handle_timer(now)
@@ -873,6 +876,25 @@ def test_without_an_answer_bulk_requests_repeat_every_2s_and_give_up_after_12() 
     assert [round(t - requests[0], 6) for t in requests] == [2.0 * i for i in range(12)]
     assert b.engine.ready and b.engine.bulk_gave_up
     assert now == pytest.approx(requests[-1] + 2)
+
+
+def test_a_peer_that_never_says_hello_gets_one_request_and_the_node_gives_up() -> None:
+    # Requests queued on a stream the peer has not answered would all arrive together
+    # (and start a bulk each): only the one sent with the hello goes out.
+    b = make_node("b", HOST_B, T0)
+    a = make_node("a", HOST_A, T0)
+    connect(b, a, T0)
+    sent = 0
+    now = T0
+    while not b.engine.ready and now < T0 + 40:
+        b.engine.handle_timer(now)
+        for f in b.engine.frames_to_send(b.links["a"], now):
+            sent += (0, 0) in wire.read_ids(f.update_requests)
+        now += 0.5
+    assert sent == 1
+    assert b.engine.ready and b.engine.bulk_gave_up
+    assert b.engine.bulk_attempts == eng.BULK_ATTEMPTS
+    assert now == pytest.approx(T0 + eng.BULK_ATTEMPTS * eng.BULK_RETRY_SECONDS + 0.5, abs=1)
 
 
 def test_a_node_without_peers_is_ready_at_once_and_a_listener_stays_ready() -> None:

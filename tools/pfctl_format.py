@@ -263,7 +263,7 @@ def format_sync(status: pb.GetSyncStatusResponse) -> list[str]:
         return [f"pfsync: off{'':35}hostid 0x{status.hostid}"]
     state = "ready" if status.ready else "NOT ready"
     lines = [
-        f"{f'pfsync: {state} ({status.ready_reason})':<48}hostid 0x{status.hostid}",
+        f"{f'pfsync: {state} ({status.ready_reason})':<47} hostid 0x{status.hostid}",
         f"  listen {status.listen_address or '-'}  maxupd {status.maxupd}  "
         f"flush {_ms(status.flush_interval)}  defer {'on' if status.defer else 'off'}",
         f"  digest {status.digest} over {status.digest_states} states",

@@ -22,9 +22,10 @@ import asyncio
 import logging
 import random
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from pfsync.sync.engine import DEFER_SECONDS, SyncEngine
 from pfsync.tls import peer_names
@@ -176,25 +177,56 @@ class SyncDriver(sync_pb2_grpc.SyncServiceServicer):
 
     # ---- one stream's two directions ----------------------------------------------------
 
+    def _undecodable(self, name: str) -> str:
+        """A peer sent bytes that are no frame: count it (``badlen``: its lengths do not
+        fit its bytes); the caller ends that stream only."""
+        self.engine.stats.count("badlen")
+        error = "a frame that is not a SyncFrame message: stream closed"
+        link = self.engine.peers.get(name)
+        if link is not None:
+            link.last_error = error
+        return error
+
     def _receive(self, name: str, frame: pb.SyncFrame) -> None:
-        self.engine.receive(name, frame, self.clock(), frame.ByteSize())
+        try:
+            self.engine.receive(name, frame, self.clock(), frame.ByteSize())
+        except Exception as exc:  # a bug must cost one frame, not the stream or the node
+            log.error("pfsync: a frame from %s was dropped: %s: %s", name, type(exc).__name__, exc)
+            link = self.engine.peers.get(name)
+            if link is not None:
+                link.last_error = f"frame dropped: {type(exc).__name__}: {exc}"
         self.pump()
 
-    async def _outgoing(self, name: str) -> AsyncIterator[pb.SyncFrame]:
-        """The engine's frames for ``name`` as they come, until the engine drops it."""
+    async def _outgoing(
+        self, name: str, reader: asyncio.Future[None] | None = None
+    ) -> AsyncIterator[pb.SyncFrame]:
+        """The engine's frames for ``name`` as they come, until the engine drops the link
+        or (on the listening side) the peer's half of the stream, ``reader``, ends."""
         wake = self._wake.setdefault(name, asyncio.Event())
-        while True:
-            frames = self.engine.frames_to_send(name, self.clock())
-            link = self.engine.peers.get(name)
-            for frame in frames:
-                if link is not None:
-                    link.bytes_out += frame.ByteSize()
-                yield frame
-            if link is None or not link.connected:
-                return
-            if not frames:
-                await wake.wait()
+        waiter: asyncio.Task[Literal[True]] | None = None
+        try:
+            while reader is None or not reader.done():
+                frames = self.engine.frames_to_send(name, self.clock())
+                link = self.engine.peers.get(name)
+                for frame in frames:
+                    if link is not None:
+                        link.bytes_out += frame.ByteSize()
+                    yield frame
+                if link is None or not link.connected:
+                    return
+                if frames:
+                    continue
+                if reader is None:
+                    await wake.wait()
+                else:
+                    waiter = asyncio.ensure_future(wake.wait())
+                    either: set[asyncio.Future[Any]] = {waiter, reader}
+                    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
                 wake.clear()
+        finally:
+            if waiter is not None:
+                waiter.cancel()
 
     # ---- dialing -------------------------------------------------------------------------
 
@@ -217,6 +249,9 @@ class SyncDriver(sync_pb2_grpc.SyncServiceServicer):
                 call = stub.Exchange(requests)
                 try:
                     async for response in call:
+                        if response is None:  # grpc logged bytes it could not decode
+                            error = self._undecodable(addr)
+                            break
                         if backoff != BACKOFF_FIRST:
                             log.info("sync stream to %s up", addr)
                             backoff = BACKOFF_FIRST
@@ -252,7 +287,7 @@ class SyncDriver(sync_pb2_grpc.SyncServiceServicer):
         self.engine.peer_up(name, self.clock(), v6=context.peer().startswith("ipv6"))
         reader = asyncio.ensure_future(self._read(name, request_iterator))
         try:
-            async for frame in self._outgoing_until(name, reader):
+            async for frame in self._outgoing(name, reader):
                 yield pb.ExchangeResponse(frame=frame)
         finally:
             reader.cancel()
@@ -260,31 +295,8 @@ class SyncDriver(sync_pb2_grpc.SyncServiceServicer):
             self._wake.pop(name, None)
 
     async def _read(self, name: str, requests: AsyncIterator[pb.ExchangeRequest]) -> None:
-        async for request in requests:
-            self._receive(name, request.frame)
-
-    async def _outgoing_until(
-        self, name: str, reader: asyncio.Future[None]
-    ) -> AsyncIterator[pb.SyncFrame]:
-        """Like :meth:`_outgoing`, but ends when the peer's side of the stream ends."""
-        wake = self._wake.setdefault(name, asyncio.Event())
-        waiter: asyncio.Task[bool] | None = None
         try:
-            while not reader.done():
-                frames = self.engine.frames_to_send(name, self.clock())
-                link = self.engine.peers.get(name)
-                for frame in frames:
-                    if link is not None:
-                        link.bytes_out += frame.ByteSize()
-                    yield frame
-                if link is None or not link.connected:
-                    return
-                if not frames:
-                    waiter = asyncio.ensure_future(wake.wait())
-                    pending: set[asyncio.Future[Any]] = {waiter, reader}
-                    await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                    waiter.cancel()
-                    wake.clear()
-        finally:
-            if waiter is not None:
-                waiter.cancel()
+            async for request in requests:
+                self._receive(name, request.frame)
+        except DecodeError:
+            self._undecodable(name)

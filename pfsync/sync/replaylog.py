@@ -26,6 +26,10 @@ class ReplayLog:
         """How many frames are kept."""
         return self._frames.maxlen or 1
 
+    def frames(self) -> list[pb.SyncFrame]:
+        """The frames kept, oldest first."""
+        return list(self._frames)
+
     def resize(self, capacity: int) -> None:
         """Keep up to ``capacity`` frames from now on (the newest are kept)."""
         self._frames = deque(self._frames, maxlen=max(1, capacity))
