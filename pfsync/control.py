@@ -336,6 +336,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
                     frames=s.frames,
                     done=s.done,
                     error=s.error,
+                    drops=s.kernel_drops,
                 )
                 for s in node.sources
             ],

@@ -176,7 +176,9 @@ def add_interface_node(node: Node, source: PacketSource) -> None:
             ("ierrors", source.errors),
             ("opackets", 0),
             ("oerrors", 0),
-            ("drops", source.blocked),
+            # pf's blocked frames, and a live capture's frames the kernel dropped for lack
+            # of room in the ring (issue 11): both are frames this interface lost.
+            ("drops", source.blocked + source.kernel_drops),
             ("ibytes", source.bytes),
             ("obytes", 0),
             ("mtu", NO_MTU),

@@ -58,6 +58,9 @@ class PacketSource:
     errors: int = 0
     blocked: int = 0
     ifname: str = ""
+    # Live capture: frames the kernel dropped because the capture ring was full (GetInfo's
+    # PacketSource.drops; also counted in the interface's drops).
+    kernel_drops: int = 0
     done: bool = False
     error: str = ""
     task: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -215,26 +218,40 @@ class Node:
         log.info("replayed %d frames from %s in %.2f s", source.frames, path, elapsed)
 
     def start_capture(self, ifname: str) -> PacketSource:
-        """Track live traffic of an interface (Linux AF_PACKET; needs root)."""
-        from pfsync.afpacket import PacketCapture
+        """Track live traffic of an interface (Linux AF_PACKET ring; needs root).
 
-        cap = PacketCapture.open(ifname)  # a bad name raises a one-line OSError
+        A bad name or missing rights raise a one-line `InterfaceError`. Later trouble never
+        stops the node: an interface that goes down is logged (capture resumes when it is up
+        again); one that disappears ends this source with its error, logged in one line.
+        """
+        from pfsync.afpacket import InterfaceGone, PacketCapture
+
+        cap = PacketCapture.open(ifname)
         source = PacketSource("capture", ifname, ifname=ifname)
         taps = source.taps = self.taps.interface(ifname)
         loop = asyncio.get_running_loop()
+        feed, clock, count = self.feed, self.clock, self.count_frame
 
         def readable() -> None:
-            # At most one batch per wake-up, so a flood cannot starve the API.
-            for _ in range(REPLAY_BATCH):
-                got = cap.recv()
-                if got is None:
-                    return
-                _, linktype, frame = got
-                now = self.clock()
-                self.count_frame(source, frame, self.feed(frame, linktype, now))
-                if taps:
+            try:
+                # At most about one batch per wake-up, so a flood cannot starve the API.
+                frames = cap.read_batch(REPLAY_BATCH)
+            except InterfaceGone as exc:
+                loop.remove_reader(cap.fileno())
+                source.kernel_drops = cap.stats().dropped
+                cap.close()
+                source.error, source.done = str(exc), True
+                log.error("%s; the node keeps running without it", exc)
+                return
+            for _ts, linktype, frame in frames:
+                now = clock()
+                count(source, frame, feed(frame, linktype, now))
+                if taps:  # an empty list while nobody taps: the only cost then
                     for tap in taps:
                         tap.put(now, linktype, frame)
+            source.kernel_drops = cap.stats().dropped
+            if cap.link_went_down():
+                log.warning("capture on %s: interface went down; waiting for it", ifname)
 
         loop.add_reader(cap.fileno(), readable)
         self.sources.append(source)

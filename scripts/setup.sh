@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
-# Install pfsyncd into ./.venv (idempotent): Python packages from PyPI, iproute2 if missing
-# (the real-traffic tests make network namespaces). Sourced by demo.sh and test.sh.
+# Install pfsyncd into ./.venv (idempotent): Python packages from PyPI; iproute2, conntrack and
+# nftables if missing (the real-traffic tests make network namespaces, the oracle test reads
+# nf_conntrack). Sourced by demo.sh and test.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v ip >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null
+# The oracle test enables the kernel's nf_conntrack in a namespace with an nft rule and reads its
+# table with conntrack. Each Debian package is installed only when its command is missing.
+missing=()
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+command -v conntrack >/dev/null 2>&1 || missing+=(conntrack)
+command -v nft >/dev/null 2>&1 || missing+=(nftables)
+if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 log=$(mktemp)

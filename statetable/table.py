@@ -598,9 +598,48 @@ class StateTable:
                     return self._merge_record(new.state, new.dst.state)
             if not new.flags & MSLT_FLAGS and new.state >= ESTABLISHED and new.proto == IPPROTO_TCP:
                 new.flags |= class_flags(self.mslt.classify(new.key))
+            if not self._settle_collision(new):
+                self.pfres[PFRES_STATEINS] += 1
+                return FAILED
             return APPLIED if self.insert(new) else FAILED
         finally:
             self._origin = Origin.LOCAL
+
+    def _settle_collision(self, new: State) -> bool:
+        """Make room for a peer's state whose connection we already track; False: refuse it.
+
+        Two nodes that both see a connection's packets (mirrored or asymmetric paths) each
+        make a state for it, with their own creatorid. pfsync refuses the second by key
+        (badstate), and each node keeps its own identity for the connection for good, so
+        their tables never agree. Here the state of the lower creatorid wins on both nodes:
+        ours gives way to a peer's lower one (removed quietly: the peer never held it), and
+        a higher one is refused as pfsync refuses it. Both tables then hold the same state.
+        A TIME_WAIT record meets the same connection reported earlier (neither side's
+        sequence number ahead of the record's: the same collision) or a new connection on
+        the same ports (a side ahead: `insert` lets the new one supersede the record).
+        """
+        tab = self._by_proto.get(new.proto)
+        rkey = keys.reverse(new.key)
+        cur = (tab.get(new.key) or tab.get(rkey)) if tab else None
+        if cur is not None:
+            if new.creatorid < cur.creatorid:
+                self.remove(cur, RemoveReason.PEER)
+            return True  # a higher one: insert refuses it by key
+        if new.proto != IPPROTO_TCP or not self.vtw.live:
+            return True
+        hit = self.vtw.find(new.key, rkey)
+        if hit is None:
+            return True
+        rec = hit[0].to_state(hit[1])
+        if rec.creatorid == new.creatorid:
+            return True
+        ours = (rec.seqlo, rec.dst.seqlo) if hit[2] else (rec.dst.seqlo, rec.seqlo)
+        if _seq_after(new.seqlo, ours[0]) or _seq_after(new.dst.seqlo, ours[1]):
+            return True  # a newer connection on the same ports
+        if new.creatorid < rec.creatorid:
+            self.vtw.remove(hit[0], hit[1], RemoveReason.PEER)
+            return True
+        return False
 
     def apply_compressed(
         self,
@@ -919,3 +958,8 @@ class StateTable:
         """Reserve a state id of this host (for states built outside ``test``)."""
         self._next_id += 1
         return self._next_id - 1
+
+
+def _seq_after(a: int, b: int) -> bool:
+    """TCP sequence comparison: `a` comes after `b` (modulo 2**32)."""
+    return 0 < (a - b) & 0xFFFFFFFF < 0x80000000

@@ -156,7 +156,7 @@ def assert_data_both_ways(segments: list[Segment]) -> None:
 def test_bad_interface_is_a_one_line_error() -> None:
     with pytest.raises(InterfaceError) as err:
         PacketCapture.open("nosuch0")
-    assert str(err.value) == "capture on nosuch0: No such device"
+    assert str(err.value) == "capture on nosuch0: no such interface"
     assert isinstance(err.value, OSError)
 
 

@@ -1194,3 +1194,30 @@ def test_ports_reused_within_one_flush_reach_the_peer(frame_states: int, vtw: bo
     assert counters(b)["badstate"] == 0
     assert_converged(a, b)
     assert a.table.count == 2
+
+
+# ---- both nodes see the same traffic (each captures its own end of a link) ---------------
+
+
+@pytest.mark.parametrize("sync_before_close", [True, False])
+def test_both_nodes_seeing_a_connection_keep_the_lower_creatorids_state(
+    sync_before_close: bool,
+) -> None:
+    """Each node makes a state for the same connection; the lower creatorid's wins on both
+    (A's here), whether they sync while it is open or only once both closed it."""
+    a, b = pair()
+    on_a, on_b = Tcp(a), Tcp(b)
+    on_a.open(T0)
+    on_b.open(T0)
+    if sync_before_close:
+        flush_all([a, b], T0)
+        assert only_state(a).creatorid == only_state(b).creatorid == HOST_A
+        assert_converged(a, b)
+    on_a.data(T0 + 1).close(T0 + 1)
+    on_b.data(T0 + 1).close(T0 + 1)
+    flush_all([a, b], T0 + 1)
+    assert_converged(a, b)
+    records = [list(n.table.vestigial()) for n in (a, b)]
+    assert [len(r) for r in records] == [1, 1] and a.table.count == b.table.count == 0
+    assert records[0][0].creatorid == records[1][0].creatorid == HOST_A
+    assert counters(a)["badstate"] >= 1 and counters(b)["badstate"] == 0

@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from pfsync.afpacket import PacketCapture
@@ -79,6 +80,19 @@ class VethPair:
     addr_a: str
     addr_b: str
     rate_bps: int
+    addr6_a: str = "fd00:199::1"
+    addr6_b: str = "fd00:199::2"
+
+    def set_rate(self, rate_bps: int) -> None:
+        """Change both ends' token-bucket rate (slow for crossing FINs, fast for bulk data)."""
+        for ns, ifname in ((self.netns_a, self.if_a), (self.netns_b, self.if_b)):
+            tbf = f"root tbf rate {rate_bps}bit burst {_burst(rate_bps)} limit 200000"
+            _run("tc", "-n", ns, "qdisc", "change", "dev", ifname, *tbf.split())
+
+
+def _burst(rate_bps: int) -> int:
+    """One frame of burst at slow rates; at fast ones, enough for the kernel timer's tick."""
+    return max(1600, rate_bps // 8 // 250)
 
 
 # --- network namespaces -------------------------------------------------------------------------
@@ -146,7 +160,8 @@ def isolated_loopback() -> Iterator[str]:
 
 @contextmanager
 def veth_pair(rate_bps: int = 1_000_000) -> Iterator[VethPair]:
-    """Two fresh namespaces, 10.199.0.1 and 10.199.0.2, joined by a veth link; deleted afterwards.
+    """Two fresh namespaces, 10.199.0.1 and 10.199.0.2 (fd00:199::1 and ::2), joined by a veth
+    link; deleted afterwards.
 
     Each end gets a token-bucket qdisc of `rate_bps` with a one-frame burst, so anything queued
     behind `n` bytes of earlier traffic leaves about ``8 * n / rate_bps`` seconds later.
@@ -155,17 +170,58 @@ def veth_pair(rate_bps: int = 1_000_000) -> Iterator[VethPair]:
         pair = VethPair(ns_a, ns_b, "pfveth0", "pfveth1", "10.199.0.1", "10.199.0.2", rate_bps)
         _ip("-n", ns_a, "link", "add", pair.if_a, "type", "veth", "peer", "name", pair.if_b)
         _ip("-n", ns_a, "link", "set", pair.if_b, "netns", ns_b)
-        for ns, ifname, addr in ((ns_a, pair.if_a, pair.addr_a), (ns_b, pair.if_b, pair.addr_b)):
+        ends = (
+            (ns_a, pair.if_a, pair.addr_a, pair.addr6_a),
+            (ns_b, pair.if_b, pair.addr_b, pair.addr6_b),
+        )
+        for ns, ifname, addr, addr6 in ends:
             _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", ifname)
+            _ip("-n", ns, "addr", "add", f"{addr6}/64", "dev", ifname, "nodad")
             _ip("-n", ns, "link", "set", ifname, "up", "gso_max_segs", "1")
-            tbf = f"root tbf rate {rate_bps}bit burst 1600 limit 200000"
+            tbf = f"root tbf rate {rate_bps}bit burst {_burst(rate_bps)} limit 200000"
             _run("tc", "-n", ns, "qdisc", "add", "dev", ifname, *tbf.split())
         yield pair
 
 
-def _socket_in(ns: str, family: socket.AddressFamily, kind: socket.SocketKind) -> socket.socket:
+def _socket_in(
+    ns: str, family: socket.AddressFamily, kind: socket.SocketKind, proto: int = 0
+) -> socket.socket:
     with entered_netns(ns):
-        return socket.socket(family, kind)
+        return socket.socket(family, kind, proto)
+
+
+# Set by `across(pair)`: the scenarios then put clients in namespace A and servers in B.
+_ACROSS: ContextVar[VethPair | None] = ContextVar("across", default=None)
+
+
+@contextmanager
+def across(pair: VethPair) -> Iterator[None]:
+    """Run the scenarios called in the block across `pair`: client in A, server in B.
+
+    Pass the server's address (``pair.addr_b`` or ``pair.addr6_b``) as the scenario's host.
+    """
+    token = _ACROSS.set(pair)
+    try:
+        yield
+    finally:
+        _ACROSS.reset(token)
+
+
+def _new_socket(
+    server_side: bool, family: socket.AddressFamily, kind: socket.SocketKind, proto: int = 0
+) -> socket.socket:
+    pair = _ACROSS.get()
+    if pair is None:
+        return socket.socket(family, kind, proto)
+    return _socket_in(pair.netns_b if server_side else pair.netns_a, family, kind, proto)
+
+
+def _client_host(host: str) -> str:
+    """The address a client binds to: the server's own (loopback), or A's across a pair."""
+    pair = _ACROSS.get()
+    if pair is None:
+        return host
+    return pair.addr6_a if ":" in host else pair.addr_a
 
 
 # --- capture ------------------------------------------------------------------------------------
@@ -237,10 +293,10 @@ def _drain(capture: PacketCapture, writer: PcapWriter) -> None:
 
 def _tcp_pair(family: socket.AddressFamily, host: str) -> tuple[socket.socket, socket.socket]:
     """A connected (client, server) pair; the listener is gone once the server side is accepted."""
-    with socket.socket(family, socket.SOCK_STREAM) as listener:
+    with _new_socket(True, family, socket.SOCK_STREAM) as listener:
         listener.bind((host, 0))
         listener.listen(1)
-        client = socket.socket(family, socket.SOCK_STREAM)
+        client = _new_socket(False, family, socket.SOCK_STREAM)
         client.settimeout(IO_TIMEOUT)
         client.connect(listener.getsockname()[:2])
         server = listener.accept()[0]
@@ -402,11 +458,13 @@ def connection_refused(host: str = "127.0.0.1") -> Connection:
     family = _family(host)
     # Bound but not listening: the port stays ours, and the kernel still answers SYNs with RST.
     with (
-        socket.socket(family, socket.SOCK_STREAM) as closed,
-        socket.socket(family, socket.SOCK_STREAM) as client,
+        _new_socket(True, family, socket.SOCK_STREAM) as closed,
+        _new_socket(False, family, socket.SOCK_STREAM) as client,
     ):
         closed.bind((host, 0))
-        client.bind((host, 0))  # an explicit bind keeps the client port readable after the failure
+        client.bind(
+            (_client_host(host), 0)
+        )  # an explicit bind keeps the client port readable after the failure
         client.settimeout(IO_TIMEOUT)
         conn = Connection(
             "connection_refused",
@@ -426,11 +484,11 @@ def udp_exchange(host: str = "127.0.0.1") -> Connection:
     """One UDP datagram each way."""
     family = _family(host)
     with (
-        socket.socket(family, socket.SOCK_DGRAM) as server,
-        socket.socket(family, socket.SOCK_DGRAM) as client,
+        _new_socket(True, family, socket.SOCK_DGRAM) as server,
+        _new_socket(False, family, socket.SOCK_DGRAM) as client,
     ):
-        for sock in (server, client):
-            sock.bind((host, 0))
+        for sock, bind_to in ((server, host), (client, _client_host(host))):
+            sock.bind((bind_to, 0))
             sock.settimeout(IO_TIMEOUT)
         client.sendto(b"query", server.getsockname())
         data, peer = server.recvfrom(2048)
@@ -449,7 +507,7 @@ def icmp_echo(host: str = "127.0.0.1") -> Connection:
     """An ICMP echo request from a raw socket, and the kernel's echo reply."""
     ident = secrets.randbits(16)
     request = _icmp_echo_request(ident, seq=1, payload=b"pfsync icmp echo")
-    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as sock:
+    with _new_socket(False, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as sock:
         sock.settimeout(IO_TIMEOUT)
         sock.sendto(request, (host, 0))
         while True:  # a raw socket also sees the request itself come back in on lo
@@ -457,7 +515,11 @@ def icmp_echo(host: str = "127.0.0.1") -> Connection:
             icmp = packet[(packet[0] & 0x0F) * 4 :]
             if icmp[0] == 0 and struct.unpack_from("!H", icmp, 4)[0] == ident:
                 return Connection(
-                    "icmp_echo", socket.AF_INET, socket.IPPROTO_ICMP, (host, ident), (host, 0)
+                    "icmp_echo",
+                    socket.AF_INET,
+                    socket.IPPROTO_ICMP,
+                    (_client_host(host), ident),
+                    (host, 0),
                 )
 
 
@@ -510,6 +572,62 @@ def simultaneous_close(pair: VethPair, filler_bytes: int = 6000) -> Connection:
             _expect_eof(server)
             _await_closed(client, server)
     return conn
+
+
+def udp_one_way(host: str = "127.0.0.1", datagrams: int = 3) -> Connection:
+    """Datagrams from the client to a bound server socket that never answers."""
+    family = _family(host)
+    with (
+        _new_socket(True, family, socket.SOCK_DGRAM) as server,
+        _new_socket(False, family, socket.SOCK_DGRAM) as client,
+    ):
+        server.bind((host, 0))
+        server.settimeout(IO_TIMEOUT)
+        client.bind((_client_host(host), 0))
+        for _ in range(datagrams):
+            client.sendto(b"one way", server.getsockname()[:2])
+            server.recvfrom(2048)
+        return Connection(
+            "udp_one_way",
+            family,
+            socket.IPPROTO_UDP,
+            client.getsockname()[:2],
+            server.getsockname()[:2],
+        )
+
+
+def time_wait_reuse(host: str = "127.0.0.1", count: int = 5) -> list[Connection]:
+    """`count` short connections between the same two ports, one after the other.
+
+    The server closes first, so the server side holds TIME_WAIT and each new SYN from the
+    same client port meets it there (RFC 1122's SYN in TIME_WAIT: the server reopens).
+    """
+    family = _family(host)
+    conns: list[Connection] = []
+    with _new_socket(True, family, socket.SOCK_STREAM) as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, 0))
+        listener.listen(4)
+        client_addr = (_client_host(host), 0)
+        for _ in range(count):
+            client = _new_socket(False, family, socket.SOCK_STREAM)
+            with client:
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                client.bind(client_addr)
+                client.settimeout(IO_TIMEOUT)
+                client_addr = client.getsockname()[:2]
+                client.connect(listener.getsockname()[:2])
+                server = listener.accept()[0]
+                with server:
+                    server.settimeout(IO_TIMEOUT)
+                    conns.append(_describe("time_wait_reuse", client, server, socket.IPPROTO_TCP))
+                    _exchange(client, server)
+                    server.shutdown(socket.SHUT_WR)
+                    _expect_eof(client)
+                    client.shutdown(socket.SHUT_WR)
+                    _expect_eof(server)
+                    _await_closed(client)
+    return conns
 
 
 def _family(host: str) -> socket.AddressFamily:

@@ -184,7 +184,8 @@ def _counter_row(name: str, value: int, runtime: int) -> str:
 
 
 def format_info(info: pb.GetInfoResponse, verbose: int = 0) -> list[str]:
-    """Return the lines ``pfctl -s info`` prints (with ``-v``, also the hostid).
+    """Return the lines ``pfctl -s info`` prints (with ``-v``, also the hostid and the
+    node's packet sources: frames read and frames the kernel dropped, per source).
 
     pf's -v sections this node has no data for (ruleset checksum, source tracking,
     fragments, limit counters, syncookie watermarks) are not printed.
@@ -213,6 +214,17 @@ def format_info(info: pb.GetInfoResponse, verbose: int = 0) -> list[str]:
         lines.append(_counter_row(name, value, runtime))
     lines.append("Counters")
     lines.extend(_counter_row(c.name, c.value, runtime) for c in info.counters)
+    if verbose and info.sources:
+        # Not in pf (its packets come from interfaces): where this node's frames come from.
+        lines.append(f"{'Packet sources':<27s} {'Frames':>14s} {'Drops':>16s}")
+        for src in info.sources:
+            kind = "capture" if src.kind == pb.PACKET_SOURCE_KIND_CAPTURE else "pcap"
+            row = f"  {kind + ' ' + src.name:<25s} {src.frames:14d} {src.drops:16d}"
+            if src.error:
+                row += f"  error: {src.error}"
+            elif src.done:
+                row += "  done"
+            lines.append(row)
     return lines
 
 
