@@ -38,7 +38,7 @@ def _bearer_matches(given: str, token: str) -> bool:
     return bool(token) and hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
 
 
-def is_admin(context: grpc.aio.ServicerContext, token: str | None) -> bool:
+def is_admin(context: grpc.aio.ServicerContext[Any, Any], token: str | None) -> bool:
     """Whether the call would pass `require_admin` (for calls that show less to others)."""
     if token is None:
         return is_loopback_peer(context.peer())
@@ -46,7 +46,7 @@ def is_admin(context: grpc.aio.ServicerContext, token: str | None) -> bool:
     return _bearer_matches(str(metadata.get("authorization", "")), token)
 
 
-async def require_admin(context: grpc.aio.ServicerContext, token: str | None) -> None:
+async def require_admin(context: grpc.aio.ServicerContext[Any, Any], token: str | None) -> None:
     """Abort the call unless it carries the admin token (or, with none set, is local)."""
     if token is None:
         if not is_loopback_peer(context.peer()):
@@ -85,21 +85,21 @@ class ReadAccess(grpc.aio.ServerInterceptor):
             given, self.admin_token or ""
         )
 
-    async def intercept_service(
+    async def intercept_service(  # type: ignore[override]
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        method = handler_call_details.method  # type: ignore[attr-defined]
+        method = handler_call_details.method
         if handler is None or method.startswith(OPEN_METHODS):
             return handler
-        if self.allows(handler_call_details.invocation_metadata):  # type: ignore[attr-defined]
+        if self.allows(handler_call_details.invocation_metadata):
             return handler
         return _refusal(handler)
 
 
-async def _refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+async def _refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
     REFUSALS.read += 1
     await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong read token")
 
@@ -114,7 +114,7 @@ def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     }
     for kind, make in kinds.items():
         if getattr(handler, kind) is not None:
-            return make(  # type: ignore[operator]
+            return make(
                 _refuse,
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,

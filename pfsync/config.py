@@ -42,7 +42,7 @@ class NodeConfig(BaseSettings):
 
     hostid: int = Field(
         # Hex text like the flag: settings validate their defaults, and integers are refused.
-        default_factory=lambda: f"{secrets.randbits(32) or 1:x}",
+        default_factory=lambda: f"{secrets.randbits(32) or 1:x}",  # type: ignore[assignment]
         ge=1,
         le=0xFFFFFFFF,
         description="creatorid of states made here (hex)",
@@ -154,7 +154,7 @@ def load_config(flags: dict[str, Any], config_file: Path | None = None) -> NodeC
         class FileConfig(NodeConfig):
             model_config = SettingsConfigDict(
                 **{
-                    **NodeConfig.model_config,  # type: ignore
+                    **NodeConfig.model_config,
                     "toml_file": config_file,
                 }
             )

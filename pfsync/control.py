@@ -10,6 +10,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any, cast
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -237,11 +238,11 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
         self.listings = ListingGate()
         self.watches = WatchHub(node.add_consumer, node.remove_consumer, node.publish_changes)
 
-    async def _require_admin(self, context: grpc.aio.ServicerContext) -> None:
+    async def _require_admin(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await require_admin(context, self.admin_token)
 
     async def ListStates(
-        self, request: pb.ListStatesRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListStatesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
         node, table = self.node, self.node.table
         try:
@@ -311,7 +312,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
             await lease.send(chunk)
 
     async def GetInfo(
-        self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetInfoResponse:
         node, table = self.node, self.node.table
         searches, inserts, removals = table.fcounters
@@ -345,7 +346,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
         )
 
     async def GetTimeouts(
-        self, request: pb.GetTimeoutsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetTimeoutsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetTimeoutsResponse:
         values = self.node.table.timeouts
         timeouts = []
@@ -358,7 +359,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
         return pb.GetTimeoutsResponse(timeouts=timeouts)
 
     async def GetMemory(
-        self, request: pb.GetMemoryRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetMemoryRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetMemoryResponse:
         # Only states are limited here; the other pools of pf do not exist in this node.
         hard = {"states": self.node.table.limit_states}
@@ -369,7 +370,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
         return pb.GetMemoryResponse(limits=limits)
 
     async def Inject(
-        self, request: pb.InjectRequest, context: grpc.aio.ServicerContext
+        self, request: pb.InjectRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.InjectResponse:
         await self._require_admin(context)
         if len(request.frames) > MAX_INJECT_FRAMES:
@@ -396,7 +397,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
         )
 
     async def KillStates(
-        self, request: pb.KillStatesRequest, context: grpc.aio.ServicerContext
+        self, request: pb.KillStatesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.KillStatesResponse:
         await self._require_admin(context)
         table = self.node.table
@@ -438,7 +439,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
         return [st for st in table.states() if matches(st.key)], lambda rec: matches(rec.key)
 
     async def ClearStates(
-        self, request: pb.ClearStatesRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ClearStatesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ClearStatesResponse:
         await self._require_admin(context)
         cleared = self.node.table.clear()
@@ -446,14 +447,14 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
         return pb.ClearStatesResponse(cleared=cleared)
 
     async def ClearCounters(
-        self, request: pb.ClearCountersRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ClearCountersRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ClearCountersResponse:
         await self._require_admin(context)
         self.node.clear_counters()
         return pb.ClearCountersResponse()
 
     async def WatchStates(
-        self, request: pb.WatchStatesRequest, context: grpc.aio.ServicerContext
+        self, request: pb.WatchStatesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.WatchStatesResponse]:
         try:
             watcher = _watcher(request)
@@ -476,7 +477,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
             hub.detach(watcher)
 
     async def GetSyncStatus(
-        self, request: pb.GetSyncStatusRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetSyncStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetSyncStatusResponse:
         driver = self.node.sync
         if driver is None:
@@ -616,7 +617,7 @@ def _event_to_pb(queued: Queued, node: Node, offset: float) -> pb.StateEvent:
     sa, sp, da, dp = keys.unpack(st.key)
     dst = st.dst
     # Fields set in place: passing built submessages to a constructor copies them.
-    event = pb.StateEvent(kind=UPDATE if kind == PACKET else kind)
+    event = pb.StateEvent(kind=cast("pb.StateEventKind", UPDATE if kind == PACKET else kind))
     event.time.seconds = seconds
     event.time.nanos = int((wall - seconds) * 1e9)
     msg = event.state
@@ -654,7 +655,7 @@ def _record_removed(change: VestigialRemoved, when: Timestamp) -> pb.StateEvent:
     """A VTW record left: what the record kept (identity, addresses, TIME_WAIT peers)."""
     sa, sp, da, dp = keys.unpack(change.key)
     return pb.StateEvent(
-        kind=REMOVE,
+        kind=cast("pb.StateEventKind", REMOVE),
         time=when,
         state=pb.State(
             id=f"{change.id:016x}",

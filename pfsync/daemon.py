@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf.internal import api_implementation
@@ -434,7 +434,7 @@ async def serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, running.reload, reload or (lambda: running.config))
-    waits: list[asyncio.Future[object]] = [asyncio.ensure_future(stop.wait())]
+    waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(stop.wait())]
     replays = [s.task for s in node.sources if s.task is not None]
     if exit_after_replay:
         waits.append(asyncio.ensure_future(asyncio.gather(*replays)))

@@ -22,6 +22,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import grpc
 from google.protobuf.message import Message
@@ -56,7 +57,7 @@ class ListingGate:
         self._busy = asyncio.Semaphore(max_busy)
 
     @asynccontextmanager
-    async def slot(self, context: grpc.aio.ServicerContext) -> AsyncIterator[Lease]:
+    async def slot(self, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Lease]:
         """An open and a busy slot for the body (abort if too many calls wait already)."""
         if self.waiting >= self.max_waiting:
             await context.abort(
@@ -79,7 +80,7 @@ class ListingGate:
 class Lease:
     """One listing's hold on the gate: the busy slot is held except while `send` waits."""
 
-    def __init__(self, gate: ListingGate, context: grpc.aio.ServicerContext) -> None:
+    def __init__(self, gate: ListingGate, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self.gate = gate
         self.context = context
         self.busy = False

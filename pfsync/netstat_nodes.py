@@ -70,7 +70,7 @@ class PoolPeaks:
 
 
 def _struct(tree: SysctlTree, name: str, description: str, read: Callable[[], Fields]) -> None:
-    tree.add(SysctlNode(name, Kind.STRUCT, description, read))  # type: ignore[arg-type]
+    tree.add(SysctlNode(name, Kind.STRUCT, description, read))
 
 
 def add_netstat_nodes(node: Node) -> None:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from pfsync.netstat_nodes import PoolPeaks, add_interface_node, add_netstat_nodes
 from pfsync.pcap import CaptureError, read_capture
@@ -57,7 +57,6 @@ class PacketSource:
     bytes: int = 0
     errors: int = 0
     blocked: int = 0
-    ifname: str = ""
     # Live capture: frames the kernel dropped because the capture ring was full (GetInfo's
     # PacketSource.drops; also counted in the interface's drops).
     kernel_drops: int = 0
@@ -141,7 +140,7 @@ class Node:
         if pkt == NOT_IP:
             self.non_ip += 1
             return PASS
-        self.table.block_malformed(pkt)
+        self.table.block_malformed(cast(int, pkt))  # short, bad-offset or fragment
         return MALFORMED
 
     async def settle(self) -> None:

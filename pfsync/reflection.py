@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
 from importlib import resources
+from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -88,7 +89,8 @@ class ReflectionServicer:
                 ext = request.file_containing_extension
                 message = self.pool.FindMessageTypeByName(ext.containing_type)
                 field = self.pool.FindExtensionByNumber(message, ext.extension_number)
-                reply.file_descriptor_response.CopyFrom(self._files(field.file))
+                # FieldDescriptor.file exists (upb) but is missing from the stubs.
+                reply.file_descriptor_response.CopyFrom(self._files(field.file))  # type: ignore[attr-defined]
             else:
                 code = grpc.StatusCode.INVALID_ARGUMENT
                 reply.error_response.error_code = code.value[0]
@@ -102,7 +104,7 @@ class ReflectionServicer:
     async def ServerReflectionInfo(
         self,
         requests: AsyncIterator[rpb.ServerReflectionRequest],
-        context: grpc.aio.ServicerContext,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[rpb.ServerReflectionResponse]:
         """The reflection stream: one reply per request, in order."""
         async for request in requests:

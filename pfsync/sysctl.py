@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import annotated_types
@@ -19,8 +20,8 @@ from pydantic import BaseModel
 
 from pfsync.sync.engine import LAG_BUCKETS_MS, SyncEngine, SyncSettings
 from statetable import timeouts as tmo
-from statetable.mslt import CLASS_NAMES, MSL_MAX
-from statetable.table import LIMIT_STATES_MAX, LIMIT_STATES_MIN
+from statetable.mslt import CLASS_NAMES, MSL_MAX, Mslt
+from statetable.table import LIMIT_STATES_MAX, LIMIT_STATES_MIN, StateTable
 from statetable.vtw import ENTRIES_MAX, ENTRIES_MIN, HashStats
 
 if TYPE_CHECKING:
@@ -58,7 +59,8 @@ class SysctlNode:
     kind: Kind
     description: str
     get: Callable[[], Value]
-    set: Callable[[Value], None] | None = None
+    # Receives what parse() returns: writable nodes are INT or BOOL.
+    set: Callable[[int | bool], None] | None = None
     minimum: int | None = None
     maximum: int | None = None
     power_of_two: bool = False
@@ -105,6 +107,27 @@ class SysctlNode:
         return value
 
 
+def struct_value(node: SysctlNode) -> list[tuple[str, int]]:
+    """The (field, value) pairs of a STRUCT node."""
+    value = node.get()
+    if not isinstance(value, list):
+        raise SysctlError("invalid", f"{node.name} is not a struct")
+    return value
+
+
+def _set_timeout(table: StateTable, timeout: int, value: int | bool) -> None:
+    table.set_timeout(timeout, int(value))
+
+
+def _mslt_value(mslt: Mslt, field: str) -> int | bool:
+    value: int | bool = getattr(mslt.config, field)  # the config is replaced when set
+    return value
+
+
+def _set_mslt(table: StateTable, field: str, value: int | bool) -> None:
+    table.set_mslt(**{field: int(value)})
+
+
 class SysctlTree:
     """Nodes by name, with BSD's lookup rules (exact name, subtree prefix, struct field)."""
 
@@ -147,10 +170,8 @@ class SysctlTree:
         while head:
             parent = self._nodes.get(head)
             if parent is not None and parent.kind is Kind.STRUCT:
-                fields = [
-                    (f, v)
-                    for f, v in parent.get()  # type: ignore[union-attr]
-                    if f == tail or f.startswith(tail + ".")
+                fields: list[tuple[str, int]] = [
+                    (f, v) for f, v in struct_value(parent) if f == tail or f.startswith(tail + ".")
                 ]
                 if fields:
                     return parent, fields
@@ -249,8 +270,8 @@ def build_tree(node: Node) -> SysctlTree:
                 f"net.inet.tcp.mslt.{field}",
                 Kind.INT,
                 f"MSL in seconds of {text} (TIME_WAIT lasts 2 x MSL), 0..{MSL_MAX}",
-                lambda field=field: getattr(mslt.config, field),
-                lambda v, field=field: table.set_mslt(**{field: int(v)}),
+                partial(_mslt_value, mslt, field),
+                partial(_set_mslt, table, field),
                 minimum=0,
                 maximum=MSL_MAX,
             )
@@ -270,8 +291,8 @@ def build_tree(node: Node) -> SysctlTree:
                 f"net.pf.timeout.{name}",
                 Kind.INT,
                 f"pf timeout {name} in {unit}",
-                lambda i=i: table.timeouts[i],
-                lambda v, i=i: table.set_timeout(i, int(v)),
+                partial(table.timeouts.__getitem__, i),
+                partial(_set_timeout, table, i),
                 minimum=0,
                 maximum=tmo.TIMEOUT_MAX,
             )
@@ -310,8 +331,8 @@ def add_sync_nodes(tree: SysctlTree, engine: SyncEngine) -> None:
     """net.pfsync.* knobs and net.inet.pfsync.stats, for a node that syncs."""
     settings = engine.settings
 
-    def setter(field: str) -> Callable[[Value], None]:
-        def apply(value: Value) -> None:
+    def setter(field: str) -> Callable[[int | bool], None]:
+        def apply(value: int | bool) -> None:
             setattr(settings, field, value)
             if field == "replay_log":
                 engine.log.resize(int(value))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 
@@ -38,11 +38,12 @@ def node_to_pb(node: SysctlNode, value: Value, name: str | None = None) -> pb.Sy
     if node.kind is Kind.BOOL:
         msg.flag = bool(value)
     elif node.kind is Kind.INT:
-        msg.integer = int(value)  # type: ignore[arg-type]
+        msg.integer = int(cast(int, value))
     elif node.kind is Kind.STRING:
         msg.text = str(value)
     else:
-        msg.fields.fields.extend(pb.SysctlField(name=f, value=v) for f, v in value)  # type: ignore[union-attr]
+        fields = cast(list[tuple[str, int]], value)  # a struct's (or a field's) pairs
+        msg.fields.fields.extend(pb.SysctlField(name=f, value=v) for f, v in fields)
     return msg
 
 
@@ -53,7 +54,7 @@ class SysctlService(sysctl_pb2_grpc.SysctlServiceServicer):
         self.tree = tree
         self.admin_token = admin_token
 
-    async def _tree(self, context: grpc.aio.ServicerContext, call: Callable[[], T]) -> T:
+    async def _tree(self, context: grpc.aio.ServicerContext[Any, Any], call: Callable[[], T]) -> T:
         """Run one tree operation; a SysctlError becomes its gRPC status, in one line."""
         try:
             return call()
@@ -61,12 +62,12 @@ class SysctlService(sysctl_pb2_grpc.SysctlServiceServicer):
             await context.abort(_STATUS[exc.code], str(exc))
             raise  # not reached: abort() raises
 
-    async def _check_name(self, name: str, context: grpc.aio.ServicerContext) -> None:
+    async def _check_name(self, name: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         if len(name) > MAX_NAME or not name.isprintable():
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed sysctl name")
 
     async def ListSysctls(
-        self, request: pb.ListSysctlsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListSysctlsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListSysctlsResponse:
         await self._check_name(request.prefix, context)
         found = await self._tree(context, lambda: self._listing(request.prefix))
@@ -91,7 +92,7 @@ class SysctlService(sysctl_pb2_grpc.SysctlServiceServicer):
                 raise exc from None
 
     async def GetSysctl(
-        self, request: pb.GetSysctlRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetSysctlRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetSysctlResponse:
         await self._check_name(request.name, context)
         node, value = await self._tree(context, lambda: self.tree.get(request.name))
@@ -100,7 +101,7 @@ class SysctlService(sysctl_pb2_grpc.SysctlServiceServicer):
         return pb.GetSysctlResponse(node=node_to_pb(node, value))
 
     async def SetSysctl(
-        self, request: pb.SetSysctlRequest, context: grpc.aio.ServicerContext
+        self, request: pb.SetSysctlRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.SetSysctlResponse:
         await require_admin(context, self.admin_token)
         await self._check_name(request.name, context)

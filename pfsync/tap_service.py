@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -27,7 +28,7 @@ class TapService(tap_pb2_grpc.TapServiceServicer):
         self.hub = hub
         self.admin_token = admin_token
 
-    async def _require_admin(self, context: grpc.aio.ServicerContext) -> None:
+    async def _require_admin(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         try:
             await require_admin(context, self.admin_token)
         except BaseException:
@@ -36,7 +37,7 @@ class TapService(tap_pb2_grpc.TapServiceServicer):
             raise
 
     async def Attach(
-        self, request: pb.AttachRequest, context: grpc.aio.ServicerContext
+        self, request: pb.AttachRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.AttachResponse]:
         await self._require_admin(context)
         hub = self.hub
@@ -89,7 +90,7 @@ class TapService(tap_pb2_grpc.TapServiceServicer):
             hub.detach(tap)
 
     async def ListTaps(
-        self, request: pb.ListTapsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListTapsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListTapsResponse:
         await self._require_admin(context)
         return pb.ListTapsResponse(

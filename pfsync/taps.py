@@ -24,6 +24,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from statetable import decode_frame, keys
 
@@ -169,7 +170,7 @@ class _Parser:
             raise FilterError(f"filter: not a network: {text[:64]!r}") from None
 
 
-def _sided(side: str, test: Callable[[object], bool], pos: int) -> _Test:
+def _sided(side: str, test: Callable[[Any], bool], pos: int) -> _Test:
     """``test`` on the source (pos 1/2), destination (3/4) or either side's field."""
     if side == "src":
         return lambda f: test(f[pos])

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from typing import Any
 
 from statetable import keys
 from statetable.events import (
@@ -94,7 +95,7 @@ class Watcher:
                 if type(change) is VestigialRemoved:
                     key, p = change.key, IPPROTO_TCP
                 else:
-                    st = change if kind == PACKET else change.state  # type: ignore[attr-defined]
+                    st: Any = change if kind == PACKET else change.state  # type: ignore[attr-defined]
                     key, p = st.key, st.proto
                 if proto and p != proto:
                     continue

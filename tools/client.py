@@ -74,7 +74,7 @@ class ToolArgumentParser(argparse.ArgumentParser):
         """Raise ``UsageError`` with argparse's message."""
         raise UsageError(message)
 
-    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
         """Parse, refusing arguments that are not UTF-8 (they cannot go on the wire)."""
         for arg in sys.argv[1:] if args is None else args:
             try:

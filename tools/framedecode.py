@@ -28,8 +28,10 @@ LINKTYPE_USER0 = 147  # pfsync0: one serialized pfsync.v1.SyncFrame (tap.proto)
 RECORD = struct.Struct("<qIIHBx")
 DIRECTION_NAMES = {0: "", 1: "In", 2: "Out"}
 
-_TCP_FLAGS = ((0x02, "S"), (0x01, "F"), (0x04, "R"), (0x08, "P"), (0x20, "U"), (0x40, "E"))
-_TCP_FLAGS += ((0x80, "W"), (0x10, "."))
+_TCP_FLAGS: tuple[tuple[int, str], ...] = (
+    (0x02, "S"), (0x01, "F"), (0x04, "R"), (0x08, "P"), (0x20, "U"), (0x40, "E"),
+    (0x80, "W"), (0x10, "."),
+)  # fmt: skip
 _ICMP_NAMES = {0: "echo reply", 8: "echo request", 3: "unreachable", 11: "time exceeded"}
 _ICMP6_NAMES = {128: "echo request", 129: "echo reply", 1: "unreachable", 3: "time exceeded"}
 _IPV6_EXT = (0, 43, 60)
@@ -159,8 +161,8 @@ def _transport(family: str, src: str, dst: str, proto: int, l4: bytes, l4len: in
     d = Decoded(family, src, dst, proto)
     if proto == 6:
         d.sport, d.dport, seq, ack, doff, flags, win = struct.unpack_from("!HHIIBBH", l4)
-        names = "".join(c for bit, c in _TCP_FLAGS if flags & bit) or "none"
-        text = f"Flags [{names}], seq {seq}"
+        letters = "".join(c for bit, c in _TCP_FLAGS if flags & bit) or "none"
+        text = f"Flags [{letters}], seq {seq}"
         if flags & 0x10:
             text += f", ack {ack}"
         text += f", win {win}, length {max(0, l4len - (doff >> 4) * 4)}"
@@ -170,7 +172,7 @@ def _transport(family: str, src: str, dst: str, proto: int, l4: bytes, l4len: in
         d.summary = f"{family} {src}.{d.sport} > {dst}.{d.dport}: UDP, length {l4len - 8}"
     elif proto in (1, 58):
         kind, code = l4[0], l4[1]
-        names = _ICMP_NAMES if proto == 1 else _ICMP6_NAMES
+        names: dict[int, str] = _ICMP_NAMES if proto == 1 else _ICMP6_NAMES
         word = "ICMP" if proto == 1 else "ICMP6"
         text = f"{word} {names[kind]}" if kind in names else f"{word} type {kind} code {code}"
         if (proto == 1 and kind in (0, 8)) or (proto == 58 and kind in (128, 129)):

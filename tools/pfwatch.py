@@ -73,7 +73,7 @@ def _protocol(text: str) -> int:
     raise UsageError(f"unknown protocol {text[:40]!r}")
 
 
-def _kinds(text: str) -> list[int]:
+def _kinds(text: str) -> list[Any]:  # StateEventKind values
     kinds = []
     for word in text.split(","):
         if word.strip().lower() not in KINDS:

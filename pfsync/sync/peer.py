@@ -250,7 +250,7 @@ class SyncDriver(sync_pb2_grpc.SyncServiceServicer):
                 continue
             error = ""
             async with self._channel(addr) as channel:
-                stub = sync_pb2_grpc.SyncServiceStub(channel)  # type: ignore[no-untyped-call]
+                stub = sync_pb2_grpc.SyncServiceStub(channel)
                 self.engine.peer_up(addr, self.clock(), v6=addr.startswith("["))
                 requests = (pb.ExchangeRequest(frame=f) async for f in self._outgoing(addr))
                 call = stub.Exchange(requests)
