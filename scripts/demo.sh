@@ -26,6 +26,10 @@ for _ in $(seq 100); do
     $bin/pfctl -N "$b_ctl" -s sync 2>/dev/null | grep -q "pfsync: ready" && break
     sleep 0.1
 done
+if ! kill -0 "$a_pid" 2>/dev/null || ! $bin/pfctl -N "$a_ctl" -s sync >/dev/null 2>&1; then
+    echo "demo: node A did not start (ports $base..$((base + 3)) in use? set PFSYNCD_DEMO_PORT)" >&2
+    exit 1
+fi
 
 # Real connections: three stay open (ESTABLISHED), three close (TIME_WAIT records, 10 s
 # here), one UDP exchange. The server port tells them apart below.
