@@ -138,13 +138,15 @@ def _expires_in(expires: float, now: float) -> int:
     return max(0, int(expires - now + 0.999)) if math.isfinite(expires) else 0
 
 
-def vestigial_to_pb(rec: Vestigial, now: float) -> pb.State:
-    """A VTW record on the wire: no counters, no creation time (the record keeps neither)."""
-    sa, sp, da, dp = keys.unpack(rec.key)
+def _record_pb(
+    key: bytes, id: int, creatorid: int, src: pb.PeerState, dst: pb.PeerState
+) -> pb.State:
+    """A TIME_WAIT record's fields on the wire (listings and watch events share them)."""
+    sa, sp, da, dp = keys.unpack(key)
     return pb.State(
-        id=f"{rec.id:016x}",
-        creatorid=f"{rec.creatorid:08x}",
-        af=_FAMILY[rec.af],
+        id=f"{id:016x}",
+        creatorid=f"{creatorid:08x}",
+        af=_FAMILY[keys.family(key)],
         proto=IPPROTO_TCP,
         ifname="all",
         direction=pb.DIRECTION_IN,
@@ -152,12 +154,24 @@ def vestigial_to_pb(rec: Vestigial, now: float) -> pb.State:
         dst_address=address_text(da),
         src_port=sp,
         dst_port=dp,
-        src=peer_to_pb(rec.src, IPPROTO_TCP, TIME_WAIT),
-        dst=peer_to_pb(rec.dst, IPPROTO_TCP, TIME_WAIT),
+        src=src,
+        dst=dst,
         timeout=tmo.name_of(tmo.TIME_WAIT),
-        expires_in_seconds=max(0, int(rec.expire - now + 0.999)),
         vestigial=True,
     )
+
+
+def vestigial_to_pb(rec: Vestigial, now: float) -> pb.State:
+    """A VTW record on the wire: no counters, no creation time (the record keeps neither)."""
+    msg = _record_pb(
+        rec.key,
+        rec.id,
+        rec.creatorid,
+        peer_to_pb(rec.src, IPPROTO_TCP, TIME_WAIT),
+        peer_to_pb(rec.dst, IPPROTO_TCP, TIME_WAIT),
+    )
+    msg.expires_in_seconds = max(0, int(rec.expire - now + 0.999))
+    return msg
 
 
 # --- wire -> table --------------------------------------------------------------------------
@@ -653,25 +667,15 @@ def _event_to_pb(queued: Queued, node: Node, offset: float) -> pb.StateEvent:
 
 def _record_removed(change: VestigialRemoved, when: Timestamp) -> pb.StateEvent:
     """A VTW record left: what the record kept (identity, addresses, TIME_WAIT peers)."""
-    sa, sp, da, dp = keys.unpack(change.key)
     return pb.StateEvent(
         kind=cast("pb.StateEventKind", REMOVE),
         time=when,
-        state=pb.State(
-            id=f"{change.id:016x}",
-            creatorid=f"{change.creatorid:08x}",
-            af=_FAMILY[4 if len(sa) == 4 else 6],
-            proto=IPPROTO_TCP,
-            ifname="all",
-            direction=pb.DIRECTION_IN,
-            src_address=address_text(sa),
-            dst_address=address_text(da),
-            src_port=sp,
-            dst_port=dp,
-            src=_level(IPPROTO_TCP, change.src_state),
-            dst=_level(IPPROTO_TCP, change.dst_state),
-            timeout=tmo.name_of(tmo.TIME_WAIT),
-            vestigial=True,
+        state=_record_pb(
+            change.key,
+            change.id,
+            change.creatorid,
+            _level(IPPROTO_TCP, change.src_state),
+            _level(IPPROTO_TCP, change.dst_state),
         ),
         reason=change.reason.value,
         from_peer=bool(change.origin),

@@ -85,6 +85,22 @@ class ToolArgumentParser(argparse.ArgumentParser):
         return super().parse_args(args, namespace)
 
 
+def count_arg(minimum: int = 1, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type for the tools' counts and sizes: a whole number (ASCII digits) in
+    ``minimum..maximum``, or a one-line usage error."""
+
+    def parse(text: str) -> int:
+        if not (text.isascii() and text.isdigit()):
+            raise UsageError(f"{text[:40]!r} is not a whole number")
+        value = int(text)
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"{minimum}..{maximum}" if maximum is not None else f"at least {minimum}"
+            raise UsageError(f"{value} is out of range ({bound})")
+        return value
+
+    return parse
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options every tool shares: ``-N/--node``, ``--token-file``, ``--json``."""
     parser.add_argument(

@@ -42,6 +42,7 @@ from tools.client import (
     ToolError,
     UsageError,
     add_common_arguments,
+    count_arg,
     resolve_target,
     run_tool,
 )
@@ -60,34 +61,21 @@ SNAPLEN_MAX = 262144
 BUFFER_MAX = 1 << 20
 
 
-def _positive(limit: int) -> type[int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise UsageError(f"{text!r} is not a number") from None
-        if not 1 <= value <= limit:
-            raise UsageError(f"{value} is out of range 1..{limit}")
-        return value
-
-    return parse  # type: ignore[return-value]
-
-
 def build_parser() -> ToolArgumentParser:
     """pfdump's flags."""
     parser = ToolArgumentParser(prog=PROG, description="Print or save a node interface's frames.")
     parser.add_argument("-i", dest="interface", required=True, metavar="IFACE", help="interface")
     parser.add_argument("-w", dest="write", metavar="FILE", help="write a pcap file ('-': stdout)")
     parser.add_argument(
-        "-c", dest="count", type=_positive(1 << 62), metavar="N", help="stop after N frames"
+        "-c", dest="count", type=count_arg(1, 1 << 62), metavar="N", help="stop after N frames"
     )
     parser.add_argument(
-        "-s", dest="snaplen", type=_positive(SNAPLEN_MAX), metavar="SNAPLEN", help="bytes kept"
+        "-s", dest="snaplen", type=count_arg(1, SNAPLEN_MAX), metavar="SNAPLEN", help="bytes kept"
     )
     parser.add_argument(
         "-B",
         dest="buffer",
-        type=_positive(BUFFER_MAX),
+        type=count_arg(1, BUFFER_MAX),
         metavar="FRAMES",
         help="the tap's buffer on the node, in frames (default 4096)",
     )

@@ -34,6 +34,7 @@ from tools.client import (
     ToolError,
     UsageError,
     add_common_arguments,
+    count_arg,
     print_json,
     resolve_target,
     run_tool,
@@ -51,16 +52,6 @@ STAT_NODES = {
 }
 # Sections that need a feature the node may not have (no sync engine, no taps).
 OPTIONAL = {"pfsync", "bpf"}
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise UsageError(f"{text!r} is not a whole number") from None
-    if value <= 0:
-        raise UsageError(f"{text!r} must be at least 1")
-    return value
 
 
 class Sysctl:
@@ -133,8 +124,8 @@ def _parser() -> ToolArgumentParser:
     parser.add_argument("-f", metavar="FAMILY", choices=("inet", "inet6"), help="with -a")
     parser.add_argument("-b", action="store_true", help="with -i: bytes")
     parser.add_argument("-d", action="store_true", help="with -i: drops")
-    parser.add_argument("-w", metavar="SECONDS", type=_positive, help="with -I: interval")
-    parser.add_argument("-c", metavar="COUNT", type=_positive, help="with -w: lines to print")
+    parser.add_argument("-w", metavar="SECONDS", type=count_arg(), help="with -I: interval")
+    parser.add_argument("-c", metavar="COUNT", type=count_arg(), help="with -w: lines to print")
     add_common_arguments(parser)
     return parser
 

@@ -33,7 +33,7 @@ import argparse
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -48,6 +48,7 @@ from tools.client import (
     ToolError,
     UsageError,
     add_common_arguments,
+    count_arg,
     print_json,
     resolve_target,
     run_tool,
@@ -127,22 +128,6 @@ def read_state_mismatch(node: Node) -> int:
 # --- command line -----------------------------------------------------------------------
 
 
-def _count(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
-    """An argparse type: an integer in [minimum, maximum]."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < minimum or (maximum is not None and value > maximum):
-            bound = f"between {minimum} and {maximum}" if maximum else f"at least {minimum}"
-            raise argparse.ArgumentTypeError(f"must be {bound}: {text}")
-        return value
-
-    return parse
-
-
 def _speed(text: str) -> float:
     """An argparse type: a finite speed factor >= 0."""
     try:
@@ -172,15 +157,17 @@ def build_parser() -> ToolArgumentParser:
     )
     parser.add_argument(
         "--loop",
-        type=_count(0),
+        type=count_arg(0),
         default=1,
         metavar="N",
         help="replay the files N times (0: until interrupted; default 1)",
     )
-    parser.add_argument("--limit", type=_count(1), metavar="N", help="stop after N packets in all")
+    parser.add_argument(
+        "--limit", type=count_arg(1), metavar="N", help="stop after N packets in all"
+    )
     parser.add_argument(
         "--batch",
-        type=_count(1, MAX_BATCH),
+        type=count_arg(1, MAX_BATCH),
         default=DEFAULT_BATCH,
         metavar="N",
         help=f"frames per Inject call (default {DEFAULT_BATCH}; also capped at "

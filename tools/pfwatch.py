@@ -42,6 +42,7 @@ from tools.client import (
     ToolArgumentParser,
     UsageError,
     add_common_arguments,
+    count_arg,
     message_to_dict,
     resolve_target,
     run_tool,
@@ -92,12 +93,6 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _count(text: str) -> int:
-    if not (text.isascii() and text.isdigit()) or int(text) == 0:
-        raise UsageError(f"{text[:40]!r} is not a positive number")
-    return int(text)
-
-
 def build_parser() -> ToolArgumentParser:
     """pfwatch's flags."""
     parser = ToolArgumentParser(prog=PROG, description="Print a node's state changes live.")
@@ -109,9 +104,15 @@ def build_parser() -> ToolArgumentParser:
         "-I", dest="interval", type=_seconds, metavar="SECONDS", help="with -u: per-state interval"
     )
     parser.add_argument(
-        "-q", dest="queue", type=_count, metavar="EVENTS", help="queue on the node (default 65536)"
+        "-q",
+        dest="queue",
+        type=count_arg(),
+        metavar="EVENTS",
+        help="queue on the node (default 65536)",
     )
-    parser.add_argument("-c", dest="count", type=_count, metavar="N", help="stop after N events")
+    parser.add_argument(
+        "-c", dest="count", type=count_arg(), metavar="N", help="stop after N events"
+    )
     add_common_arguments(parser)
     return parser
 
