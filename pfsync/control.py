@@ -6,42 +6,38 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from pfsync.admin import require_admin
 from pfsync.listing import YIELD_CHECK, Lease, ListingGate
 from pfsync.node import MALFORMED, Node
+from pfsync.state_pb import fill_event, fill_state, fill_vestigial
 from pfsync.sync.engine import PeerLink
 from pfsync.v1 import control_pb2 as pb
 from pfsync.v1 import control_pb2_grpc
 from pfsync.watch import (
     INSERT,
-    PACKET,
     QUEUE_DEFAULT,
     QUEUE_MAX,
     QUEUE_MIN,
     REMOVE,
     UPDATE,
     VESTIGIAL,
-    Queued,
     Watcher,
     WatchHub,
 )
 from statetable import keys
 from statetable import timeouts as tmo
 from statetable.counters import PFRES_NAMES
-from statetable.events import StateUpdated, StateVestigial, VestigialRemoved
-from statetable.state import FLAG_NOSYNC, TIME_WAIT, WSCALE_FLAG, WSCALE_MASK, Peer, State
+from statetable.state import State
 from statetable.table import BLOCK, PASS
-from statetable.vtw import PeerView, Vestigial
+from statetable.vtw import Vestigial
 
 CHUNK = 1000  # states per ListStates message: ~200 KB, far below 4 MiB
 MAX_INJECT_FRAMES = 65536
@@ -57,121 +53,6 @@ _HEX = re.compile(r"[0-9a-fA-F]+")
 
 class BadRequest(ValueError):
     """A request field that does not parse; the message is one line for INVALID_ARGUMENT."""
-
-
-# --- table -> wire --------------------------------------------------------------------------
-
-
-def address_text(addr: bytes) -> str:
-    """4 or 16 network-order bytes as text (inet_ntop: mapped IPv6 prints dotted, as pf)."""
-    return socket.inet_ntop(socket.AF_INET if len(addr) == 4 else socket.AF_INET6, addr)
-
-
-def _state_field(proto: int) -> str:
-    """The PeerState oneof member that holds a peer's level for this IP protocol."""
-    if proto == IPPROTO_TCP:
-        return "tcp_state"
-    return "icmp_state" if proto in (IPPROTO_ICMP, IPPROTO_ICMPV6) else "udp_state"
-
-
-def peer_to_pb(
-    peer: Peer | PeerView,
-    proto: int,
-    level: int | None = None,
-    msg: pb.PeerState | None = None,
-) -> pb.PeerState:
-    """One peer on the wire (seqdiff and mss are not tracked: always 0), filled into
-    ``msg`` when given (a field of the State being built: no copy).
-
-    The enums number pf's levels from 1 (0 means unset), hence ``+ 1``. ``level`` overrides
-    the peer's own (a TIME_WAIT record's peers are in TIME_WAIT whatever they last reached).
-    """
-    if msg is None:
-        msg = pb.PeerState()
-    msg.seqlo = peer.seqlo
-    msg.seqhi = peer.seqhi
-    msg.max_win = peer.max_win
-    msg.wscale_offered = bool(peer.wscale & WSCALE_FLAG)
-    msg.wscale = peer.wscale & WSCALE_MASK
-    setattr(msg, _state_field(proto), (peer.state if level is None else level) + 1)
-    if isinstance(peer, Peer):
-        msg.packets = peer.packets
-        msg.bytes = peer.bytes
-    return msg
-
-
-def state_to_pb(
-    st: State, now: float, expires_at: Callable[[State], float], msg: pb.State | None = None
-) -> pb.State:
-    """A table state on the wire, with age and remaining lifetime relative to ``now``.
-
-    ``expires_at`` is the table's (it depends on the timeouts and adaptive scaling).
-    Filled into ``msg`` when given: a listing builds each state in place in its chunk
-    (``states.add()``), field by field, which costs a third less than building a State
-    from keyword arguments and copying it, nested peers and all, into the chunk
-    (bench/bench_listing.py).
-    """
-    if msg is None:
-        msg = pb.State()
-    sa, sp, da, dp = st.endpoints()
-    msg.id = f"{st.id:016x}"
-    msg.creatorid = f"{st.creatorid:08x}"
-    msg.af = _FAMILY[st.af]
-    msg.proto = st.proto
-    msg.ifname = "all"
-    msg.direction = _DIRECTION.get(st.direction, pb.DIRECTION_UNSPECIFIED)
-    msg.src_address = address_text(sa)
-    msg.dst_address = address_text(da)
-    msg.src_port = sp
-    msg.dst_port = dp
-    peer_to_pb(st, st.proto, msg=msg.src)
-    peer_to_pb(st.dst, st.proto, msg=msg.dst)
-    msg.timeout = tmo.name_of(st.timeout)
-    msg.age_seconds = max(0, int(now - st.creation))
-    msg.expires_in_seconds = _expires_in(expires_at(st), now)
-    msg.nosync = bool(st.flags & FLAG_NOSYNC)
-    return msg
-
-
-def _expires_in(expires: float, now: float) -> int:
-    # A state unlinked while a listing runs expires at -inf: it is due now, not an error.
-    return max(0, int(expires - now + 0.999)) if math.isfinite(expires) else 0
-
-
-def _record_pb(
-    key: bytes, id: int, creatorid: int, src: pb.PeerState, dst: pb.PeerState
-) -> pb.State:
-    """A TIME_WAIT record's fields on the wire (listings and watch events share them)."""
-    sa, sp, da, dp = keys.unpack(key)
-    return pb.State(
-        id=f"{id:016x}",
-        creatorid=f"{creatorid:08x}",
-        af=_FAMILY[keys.family(key)],
-        proto=IPPROTO_TCP,
-        ifname="all",
-        direction=pb.DIRECTION_IN,
-        src_address=address_text(sa),
-        dst_address=address_text(da),
-        src_port=sp,
-        dst_port=dp,
-        src=src,
-        dst=dst,
-        timeout=tmo.name_of(tmo.TIME_WAIT),
-        vestigial=True,
-    )
-
-
-def vestigial_to_pb(rec: Vestigial, now: float) -> pb.State:
-    """A VTW record on the wire: no counters, no creation time (the record keeps neither)."""
-    msg = _record_pb(
-        rec.key,
-        rec.id,
-        rec.creatorid,
-        peer_to_pb(rec.src, IPPROTO_TCP, TIME_WAIT),
-        peer_to_pb(rec.dst, IPPROTO_TCP, TIME_WAIT),
-    )
-    msg.expires_in_seconds = max(0, int(rec.expire - now + 0.999))
-    return msg
 
 
 # --- wire -> table --------------------------------------------------------------------------
@@ -309,8 +190,8 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
             if n % YIELD_CHECK == 0:
                 await lease.pace()
             # A state that left the table since the snapshot is not listed.
-            if wanted(st) and math.isfinite(expires_at(st)):
-                state_to_pb(st, now, expires_at, chunk.states.add())
+            if wanted(st) and math.isfinite(expires := expires_at(st)):
+                fill_state(chunk.states.add(), st, now, expires, st.state, st.dst.state)
                 if len(chunk.states) == CHUNK:
                     await lease.send(chunk)
                     chunk = pb.ListStatesResponse()
@@ -318,7 +199,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
             if n % YIELD_CHECK == 0:
                 await lease.pace()
             if wanted(rec):
-                chunk.states.append(vestigial_to_pb(rec, now))
+                fill_vestigial(chunk.states.add(), rec, now)
                 if len(chunk.states) == CHUNK:
                     await lease.send(chunk)
                     chunk = pb.ListStatesResponse()
@@ -485,8 +366,11 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
                 watcher.wake.clear()
                 batch, missed = watcher.take(CHUNK)
                 offset = time.time() - node.clock()
-                events = [_event_to_pb(q, node, offset) for q in batch]
-                yield pb.WatchStatesResponse(events=events, missed=missed)
+                response = pb.WatchStatesResponse(missed=missed)
+                add, expires_at = response.events.add, node.table.expires_at
+                for kind, change, now in batch:
+                    fill_event(add(), kind, change, now, now + offset, expires_at)
+                yield response
         finally:
             hub.detach(watcher)
 
@@ -585,98 +469,4 @@ def _watcher(request: pb.WatchStatesRequest) -> Watcher:
         raise BadRequest(f"proto: {request.proto} is not an IP protocol number")
     return Watcher(
         request.proto, address, frozenset(kinds or _EVENT_KINDS.values()), interval, queue
-    )
-
-
-def _level(proto: int, level: int) -> pb.PeerState:
-    """A PeerState with only its level (the wire enums number pf's levels from 1)."""
-    msg = pb.PeerState()
-    setattr(msg, _state_field(proto), level + 1)
-    return msg
-
-
-def _event_to_pb(queued: Queued, node: Node, offset: float) -> pb.StateEvent:
-    """One queued change on the wire; ``offset`` turns the node clock into wall time.
-
-    Flat on purpose (one constructor per message, no CopyFrom, no windows): this runs
-    for every event a watcher gets, 50,000 a second in bench/bench_watch.py, where the
-    listing's state_to_pb cost several times as much.
-    """
-    kind, change, now = queued
-    wall = now + offset
-    seconds = int(wall)
-    ctype = type(change)
-    if ctype is VestigialRemoved:
-        when = Timestamp(seconds=seconds, nanos=int((wall - seconds) * 1e9))
-        return _record_removed(change, when)  # type: ignore[arg-type]
-    st: State = change if kind == PACKET else change.state  # type: ignore[assignment,attr-defined]
-    proto = st.proto
-    field = _state_field(proto)
-    src_level, dst_level = st.state, st.dst.state
-    old_src = old_dst = None
-    vestigial, timeout = False, st.timeout
-    expires = 0
-    if ctype is StateUpdated:
-        src_level, dst_level = change.new_src, change.new_dst  # type: ignore[attr-defined]
-        old_src, old_dst = change.old_src, change.old_dst  # type: ignore[attr-defined]
-    elif ctype is StateVestigial:
-        src_level = dst_level = TIME_WAIT  # as a vestigial record lists
-        old_src, old_dst = change.old_src, change.old_dst  # type: ignore[attr-defined]
-        vestigial, timeout = True, tmo.TIME_WAIT
-        expires = max(0, int(change.expire - now + 0.999))  # type: ignore[attr-defined]
-    elif kind == INSERT:
-        src_level, dst_level = change.src_state, change.dst_state  # type: ignore[attr-defined]
-    if kind != REMOVE and not vestigial:
-        expires = _expires_in(node.table.expires_at(st), now)
-    sa, sp, da, dp = keys.unpack(st.key)
-    dst = st.dst
-    # Fields set in place: passing built submessages to a constructor copies them.
-    event = pb.StateEvent(kind=cast("pb.StateEventKind", UPDATE if kind == PACKET else kind))
-    event.time.seconds = seconds
-    event.time.nanos = int((wall - seconds) * 1e9)
-    msg = event.state
-    msg.id = f"{st.id:016x}"
-    msg.creatorid = f"{st.creatorid:08x}"
-    msg.af = _FAMILY[4 if len(sa) == 4 else 6]
-    msg.proto = proto
-    msg.ifname = "all"
-    msg.direction = _DIRECTION.get(st.direction, pb.DIRECTION_UNSPECIFIED)
-    msg.src_address = address_text(sa)
-    msg.dst_address = address_text(da)
-    msg.src_port = sp
-    msg.dst_port = dp
-    src_pb, dst_pb = msg.src, msg.dst
-    setattr(src_pb, field, src_level + 1)
-    setattr(dst_pb, field, dst_level + 1)
-    src_pb.packets, src_pb.bytes = st.packets, st.bytes
-    dst_pb.packets, dst_pb.bytes = dst.packets, dst.bytes
-    msg.timeout = tmo.name_of(timeout)
-    msg.age_seconds = max(0, int(now - st.creation))
-    msg.expires_in_seconds = expires
-    if vestigial:
-        msg.vestigial = True
-    if kind == REMOVE:
-        event.reason = change.reason.value  # type: ignore[attr-defined]
-    if kind != PACKET and change.origin:  # type: ignore[attr-defined]
-        event.from_peer = True
-    if old_src is not None:
-        setattr(event.old_src, field, old_src + 1)
-        setattr(event.old_dst, field, old_dst + 1)  # type: ignore[operator]
-    return event
-
-
-def _record_removed(change: VestigialRemoved, when: Timestamp) -> pb.StateEvent:
-    """A VTW record left: what the record kept (identity, addresses, TIME_WAIT peers)."""
-    return pb.StateEvent(
-        kind=cast("pb.StateEventKind", REMOVE),
-        time=when,
-        state=_record_pb(
-            change.key,
-            change.id,
-            change.creatorid,
-            _level(IPPROTO_TCP, change.src_state),
-            _level(IPPROTO_TCP, change.dst_state),
-        ),
-        reason=change.reason.value,
-        from_peer=bool(change.origin),
     )

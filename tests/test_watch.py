@@ -76,6 +76,39 @@ def test_filters_and_json(node: str) -> None:  # noqa: F811
     assert event["state"]["dst_address"] == "10.0.0.9"
 
 
+def test_an_event_carries_the_state_as_a_listing_shows_it(node: str) -> None:  # noqa: F811
+    """The UPDATE that made a connection ESTABLISHED carries what ListStates lists for it
+    right after (windows, wscale, counters, timeout), not only levels; the same for a
+    UDP insert (its own protocol's levels, no windows)."""
+    with grpc.insecure_channel(node) as channel:
+        stub = control_pb2_grpc.ControlServiceStub(channel)
+        call = stub.WatchStates(pb.WatchStatesRequest(), timeout=30)
+        events = iter(e for msg in call for e in msg.events)
+        next(call)  # the first message: the watch is in place
+        inject(node, handshake() + [udp("10.0.0.1", "10.0.0.9", 1, 53)])
+        got = [next(events) for _ in range(4)]  # insert, two transitions, udp insert
+        call.cancel()
+        listed = {
+            (s.proto, s.dst_address): s
+            for chunk in stub.ListStates(pb.ListStatesRequest())
+            for s in chunk.states
+        }
+    established, udp_insert = got[2], got[3]
+    assert established.kind == pb.STATE_EVENT_KIND_UPDATE
+    assert established.old_dst.tcp_state == pb.TCP_PEER_STATE_SYN_SENT
+    tcp_state = listed[6, "10.0.0.2"]
+    assert tcp_state.src.seqlo == 1000 and tcp_state.src.max_win > 0
+    for field in ("age_seconds", "expires_in_seconds"):  # seconds apart at most
+        tcp_state.ClearField(field)
+        established.state.ClearField(field)
+    assert established.state == tcp_state
+    assert udp_insert.kind == pb.STATE_EVENT_KIND_INSERT
+    assert udp_insert.state.src.udp_state == pb.UDP_PEER_STATE_SINGLE
+    assert udp_insert.state.dst.udp_state == pb.UDP_PEER_STATE_NO_TRAFFIC
+    assert udp_insert.state.src.packets == 1 and not udp_insert.state.src.seqlo
+    assert udp_insert.state.id == listed[17, "10.0.0.9"].id
+
+
 def test_a_watcher_that_falls_behind_is_told_how_many_it_missed(node: str) -> None:  # noqa: F811
     """1000 inserts in one Inject call against a queue of 16: 16 events, then 984 missed;
     the node did not wait (the call returns at once), and the stream goes on after it."""
