@@ -4,7 +4,6 @@ its own beyond translating between the table and the wire contract in control.pr
 from __future__ import annotations
 
 import ipaddress
-import math
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -48,6 +47,8 @@ _FAMILY = {4: pb.ADDRESS_FAMILY_IPV4, 6: pb.ADDRESS_FAMILY_IPV6}
 _DIRECTION = {1: pb.DIRECTION_IN, 2: pb.DIRECTION_OUT}
 _VERDICT = {PASS: pb.VERDICT_PASS, BLOCK: pb.VERDICT_BLOCK, MALFORMED: pb.VERDICT_ERROR}
 _SOURCE_KIND = {"pcap": pb.PACKET_SOURCE_KIND_PCAP, "capture": pb.PACKET_SOURCE_KIND_CAPTURE}
+# What the table's expires_at says of a state no longer in it.
+_GONE = float("-inf")
 _HEX = re.compile(r"[0-9a-fA-F]+")
 
 
@@ -163,47 +164,57 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
             return True
 
         async with self.listings.slot(context) as lease:
-            # Snapshot first: the table may change while the stream waits on the client.
+            # Snapshot first (8 bytes a state): the table may change while the stream
+            # waits on the client.
             if identity is not None:
                 found = table.get_by_id(identity.id, identity.creatorid)
                 states = [found] if found is not None else []
+            elif proto:
+                states = [st for st in table.states() if st.proto == proto]
             else:
-                states = [st for st in table.states() if not proto or st.proto == proto]
+                states = list(table.states())
+            if address is not None or creatorid is not None:
+                states = [st for st in states if wanted(st)]
             records = (
-                [rec for rec in table.vestigial() if identity is None or identity.owns(rec)]
+                [
+                    rec
+                    for rec in table.vestigial()
+                    if (identity is None or identity.owns(rec)) and wanted(rec)
+                ]
                 if not proto or proto == IPPROTO_TCP
                 else []
             )
-            await self._send_listing(states, records, wanted, lease)
+            await self._send_listing(states, records, lease)
 
     async def _send_listing(
-        self,
-        states: list[State],
-        records: list[Vestigial],
-        wanted: Callable[[State | Vestigial], bool],
-        lease: Lease,
+        self, states: list[State], records: list[Vestigial], lease: Lease
     ) -> None:
         """Convert and send in chunks, pacing so a long listing lets other calls in."""
         now, expires_at = self.node.clock(), self.node.table.expires_at
         chunk = pb.ListStatesResponse()
-        for n, st in enumerate(states, 1):
-            if n % YIELD_CHECK == 0:
-                await lease.pace()
-            # A state that left the table since the snapshot is not listed.
-            if wanted(st) and math.isfinite(expires := expires_at(st)):
-                fill_state(chunk.states.add(), st, now, expires, st.state, st.dst.state)
-                if len(chunk.states) == CHUNK:
+        add, room = chunk.states.add, CHUNK
+        for start in range(0, len(states), YIELD_CHECK):
+            await lease.pace()
+            for st in states[start : start + YIELD_CHECK]:
+                expires = expires_at(st)
+                if expires == _GONE:  # it left the table since the snapshot: not listed
+                    continue
+                fill_state(add(), st, now, expires, st.state, st.dst.state)
+                room -= 1
+                if not room:
                     await lease.send(chunk)
                     chunk = pb.ListStatesResponse()
-        for n, rec in enumerate(records, 1):
-            if n % YIELD_CHECK == 0:
-                await lease.pace()
-            if wanted(rec):
-                fill_vestigial(chunk.states.add(), rec, now)
-                if len(chunk.states) == CHUNK:
+                    add, room = chunk.states.add, CHUNK
+        for start in range(0, len(records), YIELD_CHECK):
+            await lease.pace()
+            for rec in records[start : start + YIELD_CHECK]:
+                fill_vestigial(add(), rec, now)
+                room -= 1
+                if not room:
                     await lease.send(chunk)
                     chunk = pb.ListStatesResponse()
-        if chunk.states:
+                    add, room = chunk.states.add, CHUNK
+        if room < CHUNK:
             await lease.send(chunk)
 
     async def GetInfo(
