@@ -14,6 +14,8 @@ Targets: <= 15 s at 1,000,000 states, RSS growth < 20 %.
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import socket
 import subprocess
 import sys
@@ -64,9 +66,24 @@ def current_entries(addr: str) -> int:
     return -1
 
 
-def measure(addr: str, pid: int) -> tuple[float, int, int, int]:
-    """(seconds, lines, RSS before KiB, peak RSS during KiB) of one piped listing."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (Linux /proc/PID/stat), seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def client_cpu_seconds() -> float:
+    """CPU time of this process's waited-for children (the shell, pfctl and wc)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(addr: str, pid: int) -> tuple[float, int, int, int, float, float]:
+    """(seconds, lines, RSS before KiB, peak RSS during KiB, node CPU s, client CPU s) of
+    one piped listing. The CPU times tell what the listing costs whatever else runs on
+    the machine: on two idle cores the wall time is about the larger of the two."""
     before = rss_kib(pid)
+    node_cpu, client_cpu = cpu_seconds(pid), client_cpu_seconds()
     peak = before
     done = threading.Event()
 
@@ -87,9 +104,10 @@ def measure(addr: str, pid: int) -> tuple[float, int, int, int]:
         check=True,
     )
     seconds = time.perf_counter() - started
+    node_cpu, client_cpu = cpu_seconds(pid) - node_cpu, client_cpu_seconds() - client_cpu
     done.set()
     sampler.join()
-    return seconds, int(out.stdout.strip()), before, peak
+    return seconds, int(out.stdout.strip()), before, peak, node_cpu, client_cpu
 
 
 def main() -> None:
@@ -138,12 +156,13 @@ def main() -> None:
                 time.sleep(1.0)
             print(f"filled {n:,} states in {time.perf_counter() - t0:.1f} s")
             for _ in range(args.repeat):
-                seconds, lines, before, peak = measure(addr, node.pid)
+                seconds, lines, before, peak, node_cpu, client_cpu = measure(addr, node.pid)
                 growth = (peak - before) / before
                 print(
                     f"pfctl -s states | wc -l: {lines:,} lines in {seconds:.2f} s "
-                    f"({lines / seconds:,.0f} states/s); node RSS {before / 1024:.0f} MiB "
-                    f"-> peak {peak / 1024:.0f} MiB (+{growth:.1%})"
+                    f"({lines / seconds:,.0f} states/s); CPU: node {node_cpu:.2f} s, "
+                    f"pfctl+wc {client_cpu:.2f} s; node RSS {before / 1024:.0f} MiB "
+                    f"-> peak {peak / 1024:.0f} MiB (+{growth:.1%}); load {os.getloadavg()[0]:.1f}"
                 )
                 ok = seconds <= 15 and growth < 0.20 and lines == n
                 print("target (<= 15 s, RSS growth < 20 %):", "met" if ok else "MISSED")

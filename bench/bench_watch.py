@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -78,6 +79,7 @@ async def run(rate: int, seconds: float) -> dict[str, float]:
     # Frames built beforehand: building them is the benchmark's work, not the node's.
     frames = [_flow(i) for i in range(want // per_flow + flows_per_slice)]
     flow = 0
+    cpu = time.process_time()
     start = time.perf_counter()
     while made[0] < want:
         due = start + (flow // flows_per_slice) * SLICE
@@ -93,6 +95,7 @@ async def run(rate: int, seconds: float) -> dict[str, float]:
         await asyncio.sleep(0)
     end = time.time()
     elapsed = time.perf_counter() - start
+    cpu = time.process_time() - cpu
     out = await loop.run_in_executor(None, watcher.stdout.readline)
     await loop.run_in_executor(None, watcher.wait, 30)
     await server.stop(None)
@@ -103,6 +106,7 @@ async def run(rate: int, seconds: float) -> dict[str, float]:
         "got": result["got"],
         "missed": result["missed"],
         "behind": (result["last"] or end) - end,
+        "cpu_us": cpu / made[0] * 1e6,
     }
 
 
@@ -145,6 +149,12 @@ def main() -> None:
         f"{r['rate']:,.0f} events/s; watcher got {r['got']:,.0f}, missed {r['missed']:,.0f}, "
         f"all in {max(0.0, r['behind']):.2f} s after the last change: "
         + ("kept up" if kept else "did NOT keep up")
+    )
+    # The node's CPU per event (making the change, queueing, converting, sending): what
+    # one core can sustain, whatever else the machine runs meanwhile.
+    print(
+        f"node CPU {r['cpu_us']:.1f} us per event (one core: {1e6 / r['cpu_us']:,.0f} "
+        f"events/s); load {os.getloadavg()[0]:.1f}"
     )
 
 

@@ -311,7 +311,9 @@ def parse_or_capture_error(path: Path, data: bytes) -> None:
         assert str(e).startswith(f"{path}: ") and "\n" not in str(e)
 
 
-@settings(max_examples=400, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(prefix=st.sampled_from(MAGICS), tail=st.binary(max_size=300))
 def test_arbitrary_bytes_parse_or_raise_capture_error(
     tmp_path: Path, prefix: bytes, tail: bytes
@@ -319,7 +321,9 @@ def test_arbitrary_bytes_parse_or_raise_capture_error(
     parse_or_capture_error(tmp_path / "fuzz", prefix + tail)
 
 
-@settings(max_examples=400, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(st.data())
 def test_mutated_files_parse_or_raise_capture_error(tmp_path: Path, data: st.DataObject) -> None:
     """Valid files with a few bytes changed and perhaps cut short."""
