@@ -39,13 +39,27 @@ def established(flows: int, rounds: int, size: int = 100) -> Iterator[bytes]:
             yield tcp(s, c, 80, port, ACK, 5001, cseq + size, 509)
 
 
+def exchange(i: int, r: int, size: int = 100) -> list[bytes]:
+    """Round ``r`` of flow ``i``: a request of ``size`` bytes and a response of as many."""
+    c, s, port = _addrs(i)
+    cseq, sseq = 1001 + r * size, 5001 + r * size
+    return [
+        tcp(c, s, port, 80, ACK | PSH, cseq, sseq, 502, payload=b"x" * size),
+        tcp(s, c, 80, port, ACK | PSH, sseq, cseq + size, 509, payload=b"y" * size),
+    ]
+
+
+def close(i: int, rounds: int, size: int = 100) -> list[bytes]:
+    """After ``rounds`` exchanges: the client closes first (FIN/ACK both ways, last ACK)."""
+    c, s, port = _addrs(i)
+    cseq, sseq = 1001 + rounds * size, 5001 + rounds * size
+    return [
+        tcp(c, s, port, 80, FIN | ACK, cseq, sseq, 502),
+        tcp(s, c, 80, port, FIN | ACK, sseq, cseq + 1, 509),
+        tcp(c, s, port, 80, ACK, cseq + 1, sseq + 1, 502),
+    ]
+
+
 def lifecycle(i: int, size: int = 100) -> list[bytes]:
     """A whole connection: handshake, one request/response, client closes first."""
-    c, s, port = _addrs(i)
-    return handshake(i) + [
-        tcp(c, s, port, 80, ACK | PSH, 1001, 5001, 502, payload=b"x" * size),
-        tcp(s, c, 80, port, ACK | PSH, 5001, 1001 + size, 509, payload=b"y" * size),
-        tcp(c, s, port, 80, FIN | ACK, 1001 + size, 5001 + size, 502),
-        tcp(s, c, 80, port, FIN | ACK, 5001 + size, 1002 + size, 509),
-        tcp(c, s, port, 80, ACK, 1002 + size, 5002 + size, 502),
-    ]
+    return handshake(i) + exchange(i, 0, size) + close(i, 1, size)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Install pfsyncd into ./.venv (idempotent): Python packages from PyPI; iproute2, conntrack and
-# nftables if missing (the real-traffic tests make network namespaces, the oracle test reads
-# nf_conntrack). Sourced by demo.sh and test.sh.
+# Install pfsyncd into ./.venv (idempotent): Python packages from PyPI; iproute2, conntrack,
+# nftables and tcpreplay if missing (the real-traffic tests make network namespaces, the oracle
+# test reads nf_conntrack, bench/bench_capture.py sends with tcpreplay). Sourced by demo.sh and
+# test.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The oracle test enables the kernel's nf_conntrack in a namespace with an nft rule and reads its
@@ -10,11 +11,16 @@ missing=()
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v conntrack >/dev/null 2>&1 || missing+=(conntrack)
 command -v nft >/dev/null 2>&1 || missing+=(nftables)
+command -v tcpreplay >/dev/null 2>&1 || missing+=(tcpreplay)
+log=$(mktemp)
 if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
+    # apt's notes (debconf without apt-utils) go to stderr; shown only when the install fails.
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        "${missing[@]}"; } >"$log" 2>&1; then
+        cat "$log" >&2; rm -f "$log"; exit 1
+    fi
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
-log=$(mktemp)
 if ! .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' >"$log" 2>&1; then
     cat "$log" >&2; rm -f "$log"; exit 1
 fi
