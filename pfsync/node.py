@@ -8,6 +8,7 @@ replay, live AF_PACKET capture). The gRPC servicers read and steer it.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +36,18 @@ REPLAY_BATCH = 4096
 PURGE_PERIOD = 1.0
 # Node.feed's verdict for a frame too broken to track (counted short/bad-offset/fragment).
 MALFORMED = 2
+# The cyclic garbage collector's thresholds for a node process (CPython's are 700, 10, 10).
+# A node allocates a few objects per packet and keeps its states, which hold no cycles, for
+# minutes to days: at 700 it runs a young collection every ~100 new states and keeps
+# re-traversing the table as the states age through the generations. At these figures a
+# new UDP state costs ~6,400 instructions less (callgrind, 200,000 states: 23.09G -> 21.82G
+# for the whole run); garbage cycles (asyncio, gRPC) wait at most 50,000 allocations.
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def tune_gc() -> None:
+    """Set a node process's garbage-collector thresholds (`GC_THRESHOLDS`)."""
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def wire_text(text: str) -> str:
