@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 import subprocess
 import sys
 import time
@@ -155,6 +156,13 @@ def test_pfdump_writes_a_pcap_the_reader_opens(node: str, tmp_path: Path) -> Non
     got = list(read_capture(path))
     assert [(linktype, frame) for _, linktype, frame in got] == [(1, f[:40]) for f in FRAMES]
     assert all(abs(ts - time.time()) < 60 for ts, _, _ in got)
+    # Each record keeps the frame's original length, as tcpdump -s writes it.
+    data, pos, lengths = path.read_bytes(), 24, []
+    while pos < len(data):
+        _, _, caplen, length = struct.unpack_from("<IIII", data, pos)
+        lengths.append(length)
+        pos += 16 + caplen
+    assert lengths == [len(f) for f in FRAMES]
 
 
 def test_a_slow_reader_drops_without_slowing_the_node(node: str) -> None:
