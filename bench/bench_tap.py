@@ -80,7 +80,7 @@ async def replay_rate(capture: Path, filter_words: list[str] | None) -> tuple[fl
             # Let pfdump take what is buffered, then stop it and read its figures.
             tap = next(iter(node.taps.taps.values()))
             deadline = time.monotonic() + 10
-            while tap.buffer and time.monotonic() < deadline:
+            while tap.buffered and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
             await asyncio.sleep(0.2)
             note = f"tap recv {tap.received} capt {tap.captured} drop {tap.dropped}"

@@ -18,6 +18,7 @@ from pfsync.listing import YIELD_CHECK, Lease, ListingGate
 from pfsync.node import MALFORMED, Node
 from pfsync.state_pb import EventHeads, fill_event, fill_state, fill_vestigial
 from pfsync.sync.engine import PeerLink
+from pfsync.taps import Batch
 from pfsync.v1 import control_pb2 as pb
 from pfsync.v1 import control_pb2_grpc
 from pfsync.watch import (
@@ -31,7 +32,7 @@ from pfsync.watch import (
     Watcher,
     WatchHub,
 )
-from statetable import keys
+from statetable import decode_frame, keys
 from statetable import timeouts as tmo
 from statetable.counters import PFRES_NAMES
 from statetable.state import State
@@ -284,14 +285,16 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_INJECT_FRAMES} frames per call"
             )
         node = self.node
-        feed, now = node.feed, node.clock()
-        verdicts = [feed(f.data, f.linktype, now) for f in request.frames]
+        feed, now = node.feed_decoded, node.clock()
+        pkts = [decode_frame(f.data, f.linktype) for f in request.frames]
+        verdicts = [feed(pkt, now) for pkt in pkts]
         for f, verdict in zip(request.frames, verdicts, strict=True):
             node.count_frame(node.inject_source, f.data, verdict)
-        if node.inject_taps:
-            for tap in node.inject_taps:
-                for f in request.frames:
-                    tap.put(now, f.linktype, f.data)
+        if node.inject_taps and pkts:
+            tapped = Batch()
+            for f, pkt in zip(request.frames, pkts, strict=True):
+                tapped.add(now, f.linktype, f.data, pkt)
+            tapped.hand_over(node.inject_taps)
         # pfsync deferral holds the reply until peers acknowledged the new states.
         await node.settle()
         blocked, errors = verdicts.count(BLOCK), verdicts.count(MALFORMED)

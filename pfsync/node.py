@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, cast
 from pfsync.netstat_nodes import PoolPeaks, add_interface_node, add_netstat_nodes
 from pfsync.pcap import CaptureError, read_capture
 from pfsync.sysctl import add_bpf_nodes, build_tree
-from pfsync.taps import INJECT_IF, Tap, TapHub
+from pfsync.taps import INJECT_IF, Batch, Tap, TapHub
 from statetable import PASS, StateTable, TableConfig, decode_frame
-from statetable.decode import NOT_IP
+from statetable.decode import NOT_IP, Packet
 from statetable.mslt import Network
 
 if TYPE_CHECKING:
@@ -143,11 +143,15 @@ class Node:
                 consumer(changes, now)
 
     def feed(self, frame: bytes, linktype: int, now: float) -> int:
-        """Decode and test one frame: PASS, BLOCK or MALFORMED.
+        """Decode and test one frame: PASS, BLOCK or MALFORMED (see :meth:`feed_decoded`)."""
+        return self.feed_decoded(decode_frame(frame, linktype), now)
+
+    def feed_decoded(self, pkt: Packet | int, now: float) -> int:
+        """Test one frame as ``decode_frame`` returned it: PASS, BLOCK or MALFORMED.
 
         Frames that are not IP pass (pf never sees them) and are counted as ``non-ip``.
+        The sources decode frames themselves, so their taps filter on the same packet.
         """
-        pkt = decode_frame(frame, linktype)
         if type(pkt) is tuple:
             return self.table.test(pkt, now)
         if pkt == NOT_IP:
@@ -203,7 +207,16 @@ class Node:
         return source
 
     async def _replay(self, source: PacketSource, path: Path, speed: float) -> None:
-        feed, clock, count, taps = self.feed, self.clock, self.count_frame, source.taps
+        feed, clock, count, taps = self.feed_decoded, self.clock, self.count_frame, source.taps
+        decode = decode_frame
+        # Frames for the taps, handed over before each await (pfsync.taps).
+        tapped = Batch()
+        add_time, add_linktype = tapped.times.append, tapped.linktypes.append
+        add_frame, add_proto, add_key = (
+            tapped.frames.append,
+            tapped.protos.append,
+            tapped.keys.append,
+        )
         start = clock()
         first_ts: float | None = None
         try:
@@ -213,18 +226,31 @@ class Node:
                         first_ts = ts
                     delay = start + (ts - first_ts) / speed - clock()
                     if delay > 0:
+                        tapped.hand_over(taps)
                         await asyncio.sleep(delay)
-                elif source.frames % REPLAY_BATCH == 0:
+                # Also at speed > 0: a replay behind its schedule still lets the API (and
+                # the taps' readers) in between batches.
+                if source.frames % REPLAY_BATCH == 0:
+                    tapped.hand_over(taps)
                     await asyncio.sleep(0)
                 now = clock()
-                count(source, frame, feed(frame, linktype, now))
+                pkt = decode(frame, linktype)
+                count(source, frame, feed(pkt, now))
                 if taps:  # an empty list while nobody taps: the only cost then
-                    for tap in taps:
-                        tap.put(now, linktype, frame)
+                    add_time(now)  # Batch.add, inlined
+                    add_linktype(linktype)
+                    add_frame(frame)
+                    if type(pkt) is tuple:
+                        add_proto(pkt[0])
+                        add_key(pkt[1])
+                    else:
+                        add_proto(0)
+                        add_key(None)
         except CaptureError as exc:
             source.error = wire_text(str(exc))
             log.error("%s", exc)
         finally:
+            tapped.hand_over(taps)
             source.done = True
         elapsed = clock() - start
         log.info("replayed %d frames from %s in %.2f s", source.frames, path, elapsed)
@@ -242,7 +268,14 @@ class Node:
         source = PacketSource("capture", ifname, ifname=ifname)
         taps = source.taps = self.taps.interface(ifname)
         loop = asyncio.get_running_loop()
-        feed, clock, count = self.feed, self.clock, self.count_frame
+        feed, clock, count, decode = self.feed_decoded, self.clock, self.count_frame, decode_frame
+        tapped = Batch()  # this wake-up's frames for the taps
+        add_time, add_linktype = tapped.times.append, tapped.linktypes.append
+        add_frame, add_proto, add_key = (
+            tapped.frames.append,
+            tapped.protos.append,
+            tapped.keys.append,
+        )
 
         def readable() -> None:
             try:
@@ -257,10 +290,20 @@ class Node:
                 return
             for _ts, linktype, frame in frames:
                 now = clock()
-                count(source, frame, feed(frame, linktype, now))
+                pkt = decode(frame, linktype)
+                count(source, frame, feed(pkt, now))
                 if taps:  # an empty list while nobody taps: the only cost then
-                    for tap in taps:
-                        tap.put(now, linktype, frame)
+                    add_time(now)  # Batch.add, inlined
+                    add_linktype(linktype)
+                    add_frame(frame)
+                    if type(pkt) is tuple:
+                        add_proto(pkt[0])
+                        add_key(pkt[1])
+                    else:
+                        add_proto(0)
+                        add_key(None)
+            if tapped.frames:
+                tapped.hand_over(taps)
             source.kernel_drops = cap.stats().dropped
             if cap.link_went_down():
                 log.warning("capture on %s: interface went down; waiting for it", ifname)

@@ -452,7 +452,8 @@ class _Writer:
 class PcapWriter(_Writer):
     """Write a classic pcap file: microsecond timestamps, little-endian."""
 
-    _record = struct.Struct("<IIII")
+    # A record's header: seconds, microseconds, bytes captured, original length.
+    RECORD = struct.Struct("<IIII")
 
     def __init__(
         self,
@@ -468,8 +469,13 @@ class PcapWriter(_Writer):
         """Append one packet captured at `ts` (seconds), truncated to the snap length."""
         sec, usec = divmod(round(ts * 1_000_000), 1_000_000)
         data = frame[: self.snaplen]
-        self._file.write(self._record.pack(sec, usec, len(data), len(frame)))
+        self._file.write(self.RECORD.pack(sec, usec, len(data), len(frame)))
         self._file.write(data)
+
+    def write_records(self, records: bytes) -> None:
+        """Append records already in pcap's layout (a :attr:`RECORD` header, then the
+        captured bytes, each at most the snap length): many frames with one call."""
+        self._file.write(records)
 
 
 class PcapngWriter(_Writer):

@@ -75,7 +75,7 @@ class TapService(tap_pb2_grpc.TapServiceServicer):
         try:
             yield pb.AttachResponse(tap_id=tap.tap_id, counters=_counters(tap))
             while True:
-                if not tap.buffer:
+                if not tap.buffered:
                     tap.waiting = True
                     await tap.wake.wait()
                     tap.waiting = False
@@ -104,7 +104,7 @@ class TapService(tap_pb2_grpc.TapServiceServicer):
                     flags=tap.flags,
                     counters=_counters(tap),
                     buffer_frames=tap.buffer_frames,
-                    buffered_frames=len(tap.buffer),
+                    buffered_frames=tap.buffered,
                     filter=tap.filter,
                 )
                 for tap in self.hub.taps.values()

@@ -6,13 +6,22 @@ source holds on to (:meth:`TapHub.interface`). The list is empty while nobody ta
 the sources test it before doing anything (``if taps:``), so an untapped node pays one
 truth test per frame.
 
-A :class:`Tap` is a bounded buffer: :meth:`Tap.put` runs on the node's hot path, counts,
-filters and appends; when the buffer is full the frame is dropped and counted (bpf's
-``drop``) and the node goes on, whatever the reader does. The gRPC side
-(:mod:`pfsync.tap_service`) takes whole buffers and packs them into records.
+While tapped, a source adds each frame, with the protocol and key the table's decoder
+found in it, to a :class:`Batch`, and hands the batch to every tap
+(:meth:`Batch.hand_over`) before it next awaits: once per replay batch, capture wake-up
+or Inject call. A batch and a tap's buffer hold their frames as columns, one list per
+field: the node's hot path pays a few list appends per frame, and the lists hold only
+floats, ints and bytes, which the garbage collector does not track (keeping a tuple per
+frame made it run every few hundred frames and walk the whole heap now and then:
+BENCHMARKS.md, taps).
+
+A :class:`Tap` is a bounded buffer: :meth:`Tap.put` counts, filters and appends a
+batch; what does not fit is dropped and counted (bpf's ``drop``) and the node goes on,
+whatever the reader does. The gRPC side (:mod:`pfsync.tap_service`) takes buffered
+frames and packs them into records.
 
 Filters are a tcpdump-like subset (tap.proto documents the language), compiled once per
-tap into a predicate over the frame as the table's decoder sees it.
+tap into one Python function over a batch's decoded packets, as bpf compiles its programs.
 """
 
 from __future__ import annotations
@@ -22,11 +31,12 @@ import ipaddress
 import re
 import struct
 import time
+from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from itertools import accumulate, compress, islice, repeat
 
-from statetable import decode_frame, keys
+from statetable.decode import NOT_IP, Packet
 
 # pcap's private link type that pfsync0 frames use (tap.proto says why).
 LINKTYPE_USER0 = 147
@@ -41,7 +51,8 @@ SNAPLEN_MAX = 262144
 # One record's header in AttachResponse.records (tap.proto, "Frame records").
 RECORD = struct.Struct("<qIIHBx")
 
-Match = Callable[[bytes, int], bool]
+# A compiled filter: select(protos, keys), does each frame match? (see Batch)
+Select = Callable[[list[int], list[bytes | None]], list[bool]]
 
 
 class FilterError(ValueError):
@@ -50,41 +61,45 @@ class FilterError(ValueError):
 
 # --- the filter language ---------------------------------------------------------------
 
-# A decoded frame for the filter: (proto, src address, src port, dst address, dst port).
-_Fields = tuple[int, bytes, int, bytes, int]
-_Test = Callable[[_Fields], bool]
-_PROTOS = {"tcp": (6,), "udp": (17,), "icmp": (1,), "icmp6": (58,)}
+# The filter becomes the source of one function that tests each frame of a batch by its
+# protocol and statetable.keys key: src address, dst address, src port, dst port, so an
+# IPv4 key is 12 bytes and an IPv6 key 36, and the ports are its last 4 bytes; None for a
+# frame the decoder did not make a packet of. One comprehension costs a sixth of calling
+# a tree of closures per frame, and ports are compared byte by byte because a slice makes
+# a new bytes object (BENCHMARKS.md, taps). Only the parser's own snippets and repr() of
+# the numbers and bytes it parsed go into the source.
+_TEMPLATE = """\
+def select(protos, keys):
+    return [key is not None and {} for proto, key in zip(protos, keys)]
+"""
+_PROTOS = {"tcp": 6, "udp": 17, "icmp": 1, "icmp6": 58}
+_KEY_LEN = {4: 12, 16: 36}  # key length by address length
 _TOKEN = re.compile(r"\(|\)|&&|\|\||!|[^\s()!]+")
 
 
-def _fields(frame: bytes, linktype: int) -> _Fields | None:
-    pkt = decode_frame(frame, linktype)
-    if type(pkt) is not tuple:
-        return None
-    sa, sp, da, dp = keys.unpack(pkt[1])
-    return pkt[0], sa, sp, da, dp
-
-
-def compile_filter(text: str) -> Match | None:
-    """A predicate ``match(frame, linktype)`` for a filter; None for the empty filter."""
+def compile_filter(text: str) -> Select | None:
+    """``select(protos, keys)``: for each frame (its protocol and key, as :class:`Batch`
+    holds them), does it match the filter? None for the empty filter. A frame that is not
+    IP (or too broken to decode) matches no filter, not even ``not tcp``."""
     tokens = _TOKEN.findall(text)
     if not tokens:
         return None
     parser = _Parser(tokens)
-    test = parser.expr()
-    if parser.pos != len(tokens):
-        raise FilterError(f"filter: unexpected {tokens[parser.pos]!r}")
-
-    def match(frame: bytes, linktype: int) -> bool:
-        fields = _fields(frame, linktype)
-        return fields is not None and test(fields)
-
-    return match
+    namespace: dict[str, Select] = {}
+    builtins = {"zip": zip, "len": len, "int": int}
+    try:
+        source = parser.expr()
+        if parser.pos != len(tokens):
+            raise FilterError(f"filter: unexpected {tokens[parser.pos]!r}")
+        exec(_TEMPLATE.format(source), {"__builtins__": builtins}, namespace)
+    except (RecursionError, SyntaxError):  # the parser's or Python's nesting limit
+        raise FilterError("filter: nested too deeply") from None
+    return namespace["select"]
 
 
 class _Parser:
     """Recursive descent: expr = term {or term}; term = factor {[and] factor};
-    factor = not factor | ( expr ) | primitive."""
+    factor = not factor | ( expr ) | primitive. Each method returns Python source."""
 
     def __init__(self, tokens: list[str]) -> None:
         self.tokens = tokens
@@ -99,28 +114,27 @@ class _Parser:
         self.pos += 1
         return self.tokens[self.pos - 1]
 
-    def expr(self) -> _Test:
+    def expr(self) -> str:
         tests = [self.term()]
         while self.peek() in ("or", "||"):
             self.pos += 1
             tests.append(self.term())
-        return tests[0] if len(tests) == 1 else lambda f: any(t(f) for t in tests)
+        return tests[0] if len(tests) == 1 else "(" + " or ".join(tests) + ")"
 
-    def term(self) -> _Test:
+    def term(self) -> str:
         # As in tcpdump, juxtaposition is "and" too: "tcp port 80" = "tcp and port 80".
         tests = [self.factor()]
         while self.peek() not in ("", "or", "||", ")"):
             if self.peek() in ("and", "&&"):
                 self.pos += 1
             tests.append(self.factor())
-        return tests[0] if len(tests) == 1 else lambda f: all(t(f) for t in tests)
+        return tests[0] if len(tests) == 1 else "(" + " and ".join(tests) + ")"
 
-    def factor(self) -> _Test:
+    def factor(self) -> str:
         word = self.peek()
         if word in ("not", "!"):
             self.pos += 1
-            inner = self.factor()
-            return lambda f: not inner(f)
+            return f"(not {self.factor()})"
         if word == "(":
             self.pos += 1
             inner = self.expr()
@@ -129,30 +143,33 @@ class _Parser:
             return inner
         return self.primitive()
 
-    def primitive(self) -> _Test:
+    def primitive(self) -> str:
         word = self.take("a primitive").lower()
         if word in _PROTOS:
-            protos = _PROTOS[word]
-            return lambda f: f[0] in protos
+            return f"proto == {_PROTOS[word]}"
         if word in ("ip", "ip6"):
-            size = 4 if word == "ip" else 16
-            return lambda f: len(f[1]) == size
+            return f"len(key) == {_KEY_LEN[4 if word == 'ip' else 16]}"
         side = ""
         if word in ("src", "dst"):
             side, word = word, self.take("host, net or port").lower()
         if word == "host":
             addr = self._address(self.take("an address"))
-            return _sided(side, lambda a: a == addr, 1)
+            return _either(side, lambda a: f"{a} == {addr!r}", len(addr))
         if word == "net":
             net = self._network(self.take("a network"))
-            size = 4 if net.version == 4 else 16
-            return _sided(side, lambda a: len(a) == size and ipaddress.ip_address(a) in net, 1)
+            mask, base = int(net.netmask), int(net.network_address)
+            size = net.max_prefixlen // 8
+            return _either(side, lambda a: f"int.from_bytes({a}, 'big') & {mask} == {base}", size)
         if word == "port":
             text = self.take("a port")
             if not (text.isascii() and text.isdigit() and int(text) <= 65535):
                 raise FilterError(f"filter: port {text[:20]!r} is not 0..65535")
-            port = int(text)
-            return _sided(side, lambda p: p == port, 2)
+            hi, lo = divmod(int(text), 256)
+            tests = {
+                "src": f"(key[-4] == {hi} and key[-3] == {lo})",
+                "dst": f"(key[-2] == {hi} and key[-1] == {lo})",
+            }
+            return tests[side] if side else f"({tests['src']} or {tests['dst']})"
         raise FilterError(f"filter: unknown primitive {word[:20]!r}")
 
     @staticmethod
@@ -170,16 +187,60 @@ class _Parser:
             raise FilterError(f"filter: not a network: {text[:64]!r}") from None
 
 
-def _sided(side: str, test: Callable[[Any], bool], pos: int) -> _Test:
-    """``test`` on the source (pos 1/2), destination (3/4) or either side's field."""
-    if side == "src":
-        return lambda f: test(f[pos])
-    if side == "dst":
-        return lambda f: test(f[pos + 2])
-    return lambda f: test(f[pos]) or test(f[pos + 2])
+def _either(side: str, test: Callable[[str], str], size: int) -> str:
+    """``test`` of the source address, the destination address (``side``) or either, on
+    keys of the family whose addresses are ``size`` bytes."""
+    src, dst = f"key[:{size}]", f"key[{size}:{2 * size}]"
+    if side:
+        tested = test(src if side == "src" else dst)
+    else:
+        tested = f"({test(src)} or {test(dst)})"
+    return f"(len(key) == {_KEY_LEN[size]} and {tested})"
 
 
 # --- taps --------------------------------------------------------------------------------
+
+
+class Batch:
+    """Frames an interface handled, oldest first, for its taps: one list per field.
+
+    A source keeps one batch and the lists' ``append`` methods (see :meth:`add` for
+    what goes in); :meth:`hand_over` empties the lists in place.
+    """
+
+    __slots__ = ("times", "linktypes", "frames", "protos", "keys", "direction")
+
+    def __init__(self, direction: int = DIRECTION_NONE) -> None:
+        self.times: list[float] = []  # node clock when the frame was handled
+        self.linktypes: list[int] = []
+        self.frames: list[bytes] = []
+        # For filters, from decode_frame's packet: its protocol and key; 0 and None for a
+        # frame that is not IP or too broken to decode.
+        self.protos: list[int] = []
+        self.keys: list[bytes | None] = []
+        self.direction = direction  # of every frame in the batch
+
+    def add(self, now: float, linktype: int, frame: bytes, pkt: Packet | int) -> None:
+        """Add one frame and what ``decode_frame`` made of it (the hot loops inline this)."""
+        self.times.append(now)
+        self.linktypes.append(linktype)
+        self.frames.append(frame)
+        if type(pkt) is tuple:
+            self.protos.append(pkt[0])
+            self.keys.append(pkt[1])
+        else:
+            self.protos.append(0)
+            self.keys.append(None)
+
+    def hand_over(self, taps: list[Tap]) -> None:
+        """Give the frames to each of ``taps``, then empty the batch."""
+        for tap in taps:
+            tap.put(self)
+        self.times.clear()
+        self.linktypes.clear()
+        self.frames.clear()
+        self.protos.clear()
+        self.keys.clear()
 
 
 class Tap:
@@ -189,18 +250,22 @@ class Tap:
         "tap_id",
         "interface",
         "filter",
-        "match",
+        "select",
         "buffer_frames",
         "snaplen",
         "pid",
         "command",
         "peer",
-        "buffer",
+        "times",
+        "linktypes",
+        "frames",
+        "directions",
         "wake",
         "received",
         "captured",
         "dropped",
         "waiting",
+        "since",
     )
 
     def __init__(
@@ -210,6 +275,7 @@ class Tap:
         filter_text: str,
         buffer_frames: int,
         snaplen: int,
+        since: float,
         pid: int = 0,
         command: str = "",
         peer: str = "",
@@ -217,52 +283,78 @@ class Tap:
         self.tap_id = tap_id
         self.interface = interface
         self.filter = filter_text
-        self.match = compile_filter(filter_text)
+        self.select = compile_filter(filter_text)
         self.buffer_frames = buffer_frames
         self.snaplen = snaplen
         self.pid = pid
         self.command = command
         self.peer = peer
-        # (node clock, linktype, frame, direction), oldest first.
-        self.buffer: list[tuple[float, int, bytes, int]] = []
+        # The buffer, oldest first, as Batch's columns (with a direction per frame).
+        self.times: list[float] = []
+        self.linktypes: list[int] = []
+        self.frames: list[bytes] = []
+        self.directions: list[int] = []
         self.wake = asyncio.Event()
         self.received = self.captured = self.dropped = 0
         self.waiting = False  # the reader waits for frames (bpf's W state)
+        self.since = since  # node clock at attach: older frames of a batch are not ours
 
-    def put(self, now: float, linktype: int, frame: bytes, direction: int = 0) -> None:
-        """Offer one frame (the hot path: count, filter, append or drop)."""
-        self.received += 1
-        match = self.match
-        if match is not None and not match(frame, linktype):
-            return
-        self.captured += 1
-        buf = self.buffer
-        if len(buf) >= self.buffer_frames:
-            self.dropped += 1
-            return
-        if not buf:
-            self.wake.set()
-        buf.append((now, linktype, frame, direction))
+    def put(self, batch: Batch) -> None:
+        """Offer a batch: count, filter, buffer what fits, count the rest as dropped."""
+        times, linktypes, frames = batch.times, batch.linktypes, batch.frames
+        protos, keys = batch.protos, batch.keys
+        if times and times[0] < self.since:  # attached in the middle of this batch
+            cut = bisect_left(times, self.since)
+            times, linktypes, frames = times[cut:], linktypes[cut:], frames[cut:]
+            protos, keys = protos[cut:], keys[cut:]
+        self.received += len(frames)
+        if self.select is not None:
+            keep = self.select(protos, keys)
+            times = list(compress(times, keep))
+            linktypes = list(compress(linktypes, keep))
+            frames = list(compress(frames, keep))
+        n = len(frames)
+        self.captured += n
+        room = self.buffer_frames - len(self.frames)
+        if n > room:
+            self.dropped += n - room
+            n = room
+            times, linktypes, frames = times[:n], linktypes[:n], frames[:n]
+        if n:
+            if not self.frames:
+                self.wake.set()
+            self.times += times
+            self.linktypes += linktypes
+            self.frames += frames
+            self.directions += repeat(batch.direction, n)
 
     def take(self, wall_offset: float, max_bytes: int) -> tuple[bytes, int]:
         """Pack buffered frames into records, up to about ``max_bytes``: (records, count)."""
-        # Plain and flat: this runs once per frame on the node's loop (bench_tap.py).
-        buf, snaplen, pack = self.buffer, self.snaplen, RECORD.pack
+        # Up to the frame that reaches max_bytes; a header alone is RECORD.size bytes, so
+        # no more frames are looked at than that many headers would fill.
+        ends = list(accumulate(map(len, islice(self.frames, max_bytes // RECORD.size))))
+        n = min(bisect_left(ends, max_bytes) + 1, len(ends))
+        times, linktypes = self.times[:n], self.linktypes[:n]
+        frames, directions = self.frames[:n], self.directions[:n]
+        del self.times[:n], self.linktypes[:n], self.frames[:n], self.directions[:n]
+        # Plain and flat: this runs once per frame on the node's loop. It beat packing
+        # whole columns with map(RECORD.pack, ...) (BENCHMARKS.md, taps).
+        snaplen, pack = self.snaplen, RECORD.pack
         parts: list[bytes] = []
         append = parts.append
-        size = n = 0
-        for now, linktype, frame, direction in buf:
+        columns = zip(times, linktypes, frames, directions, strict=True)
+        for now, linktype, frame, direction in columns:
             length = len(frame)
             if length > snaplen:
                 frame = frame[:snaplen]
             append(pack(int((now + wall_offset) * 1e9), length, len(frame), linktype, direction))
             append(frame)
-            n += 1
-            size += length
-            if size >= max_bytes:
-                break
-        del buf[:n]
         return b"".join(parts), n
+
+    @property
+    def buffered(self) -> int:
+        """Frames waiting in the buffer."""
+        return len(self.frames)
 
     @property
     def flags(self) -> str:
@@ -319,7 +411,17 @@ class TapHub:
         taps = self._interfaces[interface]
         if interface == PFSYNC_IF and filter_text.strip():
             raise FilterError("filter: pfsync0 frames are not IP; attach without a filter")
-        tap = Tap(self._next_id, interface, filter_text, buffer_frames, snaplen, pid, command, peer)
+        tap = Tap(
+            self._next_id,
+            interface,
+            filter_text,
+            buffer_frames,
+            snaplen,
+            self.clock(),
+            pid,
+            command,
+            peer,
+        )
         self._next_id += 1
         self.taps[tap.tap_id] = tap
         taps.append(tap)
@@ -359,10 +461,9 @@ class TapHub:
 
     def put_sync_frame(self, frame: bytes, outgoing: bool) -> None:
         """A serialized SyncFrame went to (or came from) a peer: hand it to pfsync0's taps."""
-        now = self.clock()
-        direction = DIRECTION_OUT if outgoing else DIRECTION_IN
-        for tap in self._interfaces.get(PFSYNC_IF, ()):
-            tap.put(now, LINKTYPE_USER0, frame, direction)
+        batch = Batch(DIRECTION_OUT if outgoing else DIRECTION_IN)
+        batch.add(self.clock(), LINKTYPE_USER0, frame, NOT_IP)
+        batch.hand_over(self._interfaces.get(PFSYNC_IF, []))
 
     # ---- sysctl views ------------------------------------------------------------------
 
@@ -391,7 +492,7 @@ class TapHub:
                 f"id={tap.tap_id} pid={tap.pid} comm={_word(tap.command) or '-'}"
                 f" if={tap.interface} flags={tap.flags} recv={tap.received}"
                 f" drop={tap.dropped} capt={tap.captured} bufsize={tap.buffer_frames}"
-                f" buffered={len(tap.buffer)} peer={_word(tap.peer) or '-'}"
+                f" buffered={tap.buffered} peer={_word(tap.peer) or '-'}"
                 f" filter={' '.join(tap.filter.split())}"
             )
         return "\n".join(lines)

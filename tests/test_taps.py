@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 import subprocess
 import sys
 import time
@@ -15,11 +16,13 @@ import grpc
 import pytest
 
 from pfsync.pcap import read_capture
-from pfsync.taps import FilterError, compile_filter
+from pfsync.taps import Batch, FilterError, TapHub, compile_filter
 from pfsync.v1 import control_pb2 as pb
 from pfsync.v1 import control_pb2_grpc, sync_pb2, tap_pb2, tap_pb2_grpc
+from statetable import decode_frame
 from tests.packets import ACK, SYN, icmp_echo, tcp, udp
 from tests.test_e2e import BIN, free_port
+from tools.framedecode import records
 
 TIME = r"\d\d:\d\d:\d\d\.\d{6}"
 FRAMES = [
@@ -155,6 +158,36 @@ def test_pfdump_writes_a_pcap_the_reader_opens(node: str, tmp_path: Path) -> Non
     got = list(read_capture(path))
     assert [(linktype, frame) for _, linktype, frame in got] == [(1, f[:40]) for f in FRAMES]
     assert all(abs(ts - time.time()) < 60 for ts, _, _ in got)
+    # Each record keeps the frame's original length, as tcpdump -s writes it.
+    data, pos, lengths = path.read_bytes(), 24, []
+    while pos < len(data):
+        _, _, caplen, length = struct.unpack_from("<IIII", data, pos)
+        lengths.append(length)
+        pos += 16 + caplen
+    assert lengths == [len(f) for f in FRAMES]
+
+
+def test_a_tap_takes_batches_from_its_attach_on() -> None:
+    """In process: a batch handed over after the tap attached in its middle; the filter,
+    the buffer's bound, snaplen and the message size."""
+    hub = TapHub(clock=lambda: 10.0)
+    taps = hub.interface("pcap0")
+    tap = hub.attach("pcap0", "not udp", buffer_frames=3, snaplen=40)
+    batch = Batch()
+    batch.add(9.5, 1, FRAMES[0], decode_frame(FRAMES[0], 1))  # before the attach
+    for i, frame in enumerate([*FRAMES, b"\xff" * 20]):  # the last one is not IP
+        batch.add(10.0 + i, 1, frame, decode_frame(frame, 1))
+    batch.hand_over(taps)
+    assert batch.frames == []
+    # 6 frames since the attach; UDP and the non-IP frame do not match; 1 of 4 is dropped.
+    assert (tap.received, tap.captured, tap.dropped, tap.buffered) == (6, 4, 1, 3)
+    first, n = tap.take(100.0, len(FRAMES[0]))  # a message ends with the frame that fills it
+    second, m = tap.take(100.0, 1 << 20)
+    assert (n, m, tap.buffered) == (1, 2, 0)
+    got = [(r.time_ns, r.length, r.data) for r in records(first + second)]
+    kept = [0, 1, 3]
+    assert got == [(int((110.0 + i) * 1e9), len(FRAMES[i]), FRAMES[i][:40]) for i in kept]
+    assert tap.take(100.0, 1 << 20) == (b"", 0)
 
 
 def test_a_slow_reader_drops_without_slowing_the_node(node: str) -> None:
@@ -288,10 +321,14 @@ def test_filter_language() -> None:
         "src port 40000 || dst port 53": [True, False, True, False, False],
     }
     for text, expected in cases.items():
-        match = compile_filter(text)
-        got = [True if match is None else match(f, 1) for f in FRAMES]
+        select = compile_filter(text)
+        batch = Batch()
+        for frame in FRAMES:
+            batch.add(0.0, 1, frame, decode_frame(frame, 1))
+        got = [True] * len(FRAMES) if select is None else select(batch.protos, batch.keys)
         assert got == expected, text
-    for bad in ("port", "tcp and", "(tcp", "tcp )", "host 1.2.3", "frob", "port -1"):
+    deep = ("(" * 400 + "tcp" + ")" * 400, "not " * 400 + "tcp")
+    for bad in ("port", "tcp and", "(tcp", "tcp )", "host 1.2.3", "frob", "port -1", *deep):
         with pytest.raises(FilterError):
             compile_filter(bad)
 
