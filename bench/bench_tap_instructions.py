@@ -10,6 +10,7 @@
 - ``none``: nobody taps pcap0;
 - ``drop``: a tap nobody reads: its buffer fills, then every frame is counted and dropped;
 - ``read``: a reader in the node's loop takes every frame as records (no gRPC, no client);
+- ``columns``: the same as FrameColumns, the form pfdump asks for;
 - ``filter``: the same with the filter ``tcp port 80`` (every frame matches).
 
 Run each mode under callgrind and subtract ``none``, then divide by the frame count: the
@@ -26,31 +27,38 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.bench_tap import make_capture  # noqa: E402
-from pfsync.node import Node  # noqa: E402
-from pfsync.tap_service import MESSAGE_BYTES  # noqa: E402
+from pfsync.node import Node, tune_gc  # noqa: E402
+from pfsync.tap_service import MESSAGE_BYTES, _columns_message  # noqa: E402
 from pfsync.taps import Tap  # noqa: E402
+from pfsync.v1 import tap_pb2 as pb  # noqa: E402
 
-MODES = ("none", "drop", "read", "filter")
+MODES = ("none", "drop", "read", "columns", "filter")
 
 
-async def read_all(tap: Tap) -> None:
-    """Take records as the gRPC sender does, without sending them."""
+async def read_all(tap: Tap, columns: bool) -> None:
+    """Build the messages the gRPC sender builds (records, or FrameColumns as pfdump asks
+    for), without sending them."""
     while True:
         if not tap.buffered:
             await tap.wake.wait()
         tap.wake.clear()
-        tap.take(0.0, MESSAGE_BYTES)
+        if columns:
+            _columns_message(tap, 0.0)
+        else:
+            records, count = tap.take(0.0, MESSAGE_BYTES)
+            pb.AttachResponse(records=records, frame_count=count)
         await asyncio.sleep(0)
 
 
 async def replay(capture: Path, mode: str) -> int:
+    tune_gc()  # as pfsyncd runs
     node = Node(0x1A2B3C4D, limit_states=1_000_000)
     node.taps.interface("pcap0")
     reader = None
     if mode != "none":
         tap = node.taps.attach("pcap0", "tcp port 80" if mode == "filter" else "")
         if mode != "drop":
-            reader = asyncio.create_task(read_all(tap))
+            reader = asyncio.create_task(read_all(tap, mode == "columns"))
     source = node.start_replay(capture, 0)
     assert source.task is not None
     await source.task

@@ -82,6 +82,9 @@ class TapService(tap_pb2_grpc.TapServiceServicer):
                 tap.wake.clear()
                 # One message at a time: while the client reads it, the node goes on
                 # filling the buffer (or dropping, when the client is slow).
+                if request.columns:
+                    yield _columns_message(tap, hub.wall_offset())
+                    continue
                 records, count = tap.take(hub.wall_offset(), MESSAGE_BYTES)
                 yield pb.AttachResponse(
                     records=records, frame_count=count, counters=_counters(tap), tap_id=tap.tap_id
@@ -110,3 +113,20 @@ class TapService(tap_pb2_grpc.TapServiceServicer):
                 for tap in self.hub.taps.values()
             ]
         )
+
+
+def _columns_message(
+    tap: Tap, wall_offset: float, max_bytes: int = MESSAGE_BYTES
+) -> pb.AttachResponse:
+    """The next frames of ``tap`` as FrameColumns (packed fields filled from lists)."""
+    times, lengths, caplens, linktypes, directions, data = tap.take_columns(max_bytes)
+    message = pb.AttachResponse(frame_count=len(times), counters=_counters(tap), tap_id=tap.tap_id)
+    columns = message.columns
+    columns.node_times.extend(times)
+    columns.wall_offset = wall_offset
+    columns.lengths.extend(lengths)
+    columns.caplens.extend(caplens)
+    columns.linktypes.extend(linktypes)
+    columns.directions.extend(directions)  # type: ignore[arg-type]  # TapDirection values
+    columns.data = data
+    return message

@@ -16,13 +16,14 @@ import grpc
 import pytest
 
 from pfsync.pcap import read_capture
+from pfsync.tap_service import _columns_message
 from pfsync.taps import Batch, FilterError, TapHub, compile_filter
 from pfsync.v1 import control_pb2 as pb
 from pfsync.v1 import control_pb2_grpc, sync_pb2, tap_pb2, tap_pb2_grpc
 from statetable import decode_frame
 from tests.packets import ACK, SYN, icmp_echo, tcp, udp
 from tests.test_e2e import BIN, free_port
-from tools.framedecode import records
+from tools.framedecode import records, records_of_columns
 
 TIME = r"\d\d:\d\d:\d\d\.\d{6}"
 FRAMES = [
@@ -188,6 +189,34 @@ def test_a_tap_takes_batches_from_its_attach_on() -> None:
     kept = [0, 1, 3]
     assert got == [(int((110.0 + i) * 1e9), len(FRAMES[i]), FRAMES[i][:40]) for i in kept]
     assert tap.take(100.0, 1 << 20) == (b"", 0)
+
+
+def test_columns_carry_what_records_carry() -> None:
+    """The same frames, taken as records by one tap and as FrameColumns by another (the
+    form pfdump asks for), give the same records once the client packs the columns,
+    snaplen cut and message size included; a node's inconsistent columns are refused."""
+    hub = TapHub(clock=lambda: 10.0)
+    taps = hub.interface("pcap0")
+    as_records = hub.attach("pcap0", snaplen=40)
+    as_columns = hub.attach("pcap0", snaplen=40)
+    batch = Batch()
+    for i, frame in enumerate([*FRAMES, b"\xff" * 20]):
+        batch.add(10.0 + i / 3, 1, frame, decode_frame(frame, 1))
+    batch.hand_over(taps)
+    taken = 0
+    for max_bytes in (len(FRAMES[0]), 1 << 20):  # a message ends with the frame that fills it
+        records_blob, n = as_records.take(100.0, max_bytes)
+        message = _columns_message(as_columns, 100.0, max_bytes)
+        assert message.frame_count == n == len(message.columns.node_times)
+        assert records_of_columns(message.columns) == records_blob
+        taken += n
+    assert taken == len(FRAMES) + 1 and n > 1 and as_columns.buffered == 0
+    message.columns.caplens[0] += 1
+    with pytest.raises(ValueError, match="do not add up"):
+        records_of_columns(message.columns)
+    del message.columns.linktypes[0]
+    with pytest.raises(ValueError, match="different lengths"):
+        records_of_columns(message.columns)
 
 
 def test_a_slow_reader_drops_without_slowing_the_node(node: str) -> None:

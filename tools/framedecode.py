@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from google.protobuf.message import DecodeError
 
 from pfsync.v1 import sync_pb2
+from pfsync.v1 import tap_pb2 as pb
 
 LINKTYPE_NULL, LINKTYPE_ETHERNET, LINKTYPE_RAW, LINKTYPE_LOOP = 0, 1, 101, 108
 LINKTYPE_LINUX_SLL, LINKTYPE_IPV4, LINKTYPE_IPV6, LINKTYPE_LINUX_SLL2 = 113, 228, 229, 276
@@ -70,6 +71,32 @@ def records(blob: bytes) -> Iterator[Record]:
         pos += RECORD.size
         yield Record(time_ns, length, linktype, direction, blob[pos : pos + caplen])
         pos += caplen
+
+
+def records_of_columns(columns: pb.FrameColumns) -> bytes:
+    """FrameColumns (AttachRequest.columns) as the records of an AttachResponse: the node
+    sends columns to spare itself a header per frame; the client packs them instead."""
+    offset, data, pack = columns.wall_offset, columns.data, RECORD.pack
+    count = len(columns.node_times)
+    sizes = (len(columns.lengths), len(columns.caplens), len(columns.linktypes))
+    if sizes != (count,) * 3 or len(columns.directions) != count:
+        raise ValueError("the node sent frame columns of different lengths")
+    if sum(columns.caplens) != len(data):
+        raise ValueError("the node sent frame columns whose lengths do not add up to its data")
+    parts: list[bytes] = []
+    pos = 0
+    for now, length, caplen, linktype, direction in zip(
+        columns.node_times,
+        columns.lengths,
+        columns.caplens,
+        columns.linktypes,
+        columns.directions,
+        strict=True,
+    ):
+        parts.append(pack(int((now + offset) * 1e9), length, caplen, linktype, direction))
+        parts.append(data[pos : pos + caplen])
+        pos += caplen
+    return b"".join(parts)
 
 
 def clock_text(time_ns: int) -> str:

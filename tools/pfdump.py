@@ -56,6 +56,7 @@ from tools.framedecode import (
     clock_text,
     decode,
     records,
+    records_of_columns,
 )
 
 PROG = "pfdump"
@@ -199,7 +200,11 @@ def _run(argv: Sequence[str] | None) -> int:
     target = resolve_target(args)
     _check_output(args.write)
     request = pb.AttachRequest(
-        interface=args.interface, filter=" ".join(args.filter), pid=os.getpid(), command=PROG
+        interface=args.interface,
+        filter=" ".join(args.filter),
+        pid=os.getpid(),
+        command=PROG,
+        columns=True,  # the node's cheaper form: pfdump packs the records on its own CPU
     )
     if args.snaplen is not None:
         request.snaplen = args.snaplen
@@ -219,7 +224,11 @@ def _run(argv: Sequence[str] | None) -> int:
                         f"snapshot length {args.snaplen or SNAPLEN_MAX} bytes",
                         file=sys.stderr,
                     )
-                seen += out.records(message.records, (args.count or sys.maxsize) - seen)
+                try:
+                    blob = records_of_columns(message.columns)
+                except ValueError as exc:
+                    raise ToolError(str(exc)) from None
+                seen += out.records(blob, (args.count or sys.maxsize) - seen)
                 out.flush()
                 if args.count is not None and seen >= args.count:
                     break
