@@ -16,7 +16,7 @@ from google.protobuf.duration_pb2 import Duration
 from pfsync.admin import require_admin
 from pfsync.listing import YIELD_CHECK, Lease, ListingGate
 from pfsync.node import MALFORMED, Node
-from pfsync.state_pb import EventHeads, fill_event, fill_state, fill_vestigial
+from pfsync.state_pb import IPPROTO_TCP, EventHeads, fill_event, fill_state, fill_vestigial
 from pfsync.sync.engine import PeerLink
 from pfsync.taps import Batch
 from pfsync.v1 import control_pb2 as pb
@@ -42,7 +42,6 @@ from statetable.vtw import Vestigial
 CHUNK = 1000  # states per ListStates message: ~200 KB, far below 4 MiB
 MAX_INJECT_FRAMES = 65536
 LIMITS = ("states", "src-nodes", "frags", "tables", "table-entries")
-IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_ICMPV6 = 1, 6, 58
 
 _FAMILY = {4: pb.ADDRESS_FAMILY_IPV4, 6: pb.ADDRESS_FAMILY_IPV6}
 _DIRECTION = {1: pb.DIRECTION_IN, 2: pb.DIRECTION_OUT}

@@ -55,14 +55,10 @@ _ports = struct.Struct("!HH").unpack_from
 # A timeout id's name, indexed by State.timeout (pseudo ids included).
 _TIMEOUT_NAMES = tuple(tmo.name_of(i) for i in range(tmo.TIMEOUT_IDS))
 _TIME_WAIT_NAME = tmo.name_of(tmo.TIME_WAIT)
+# The PeerState oneof member that holds a peer's level, by IP protocol ("udp_state" else).
 _LEVEL_FIELD = {IPPROTO_TCP: "tcp_state", IPPROTO_ICMP: "icmp_state", IPPROTO_ICMPV6: "icmp_state"}
 # Creatorid texts: a table holds states of a handful of creators (itself and its peers).
 _CREATOR_TEXT: dict[int, str] = {}
-
-
-def level_field(proto: int) -> str:
-    """The PeerState oneof member that holds a peer's level for this IP protocol."""
-    return _LEVEL_FIELD.get(proto, "udp_state")
 
 
 def _creator_text(creatorid: int) -> str:
@@ -248,6 +244,6 @@ def fill_event(
 
 
 def _fill_old(event: pb.StateEvent, proto: int, old_src: int, old_dst: int) -> None:
-    field = level_field(proto)
+    field = _LEVEL_FIELD.get(proto, "udp_state")
     setattr(event.old_src, field, old_src + 1)
     setattr(event.old_dst, field, old_dst + 1)
