@@ -11,7 +11,8 @@
 - ``drop``: a tap nobody reads: its buffer fills, then every frame is counted and dropped;
 - ``read``: a reader in the node's loop takes every frame as records (no gRPC, no client);
 - ``columns``: the same as FrameColumns, the form pfdump asks for;
-- ``filter``: the same with the filter ``tcp port 80`` (every frame matches).
+- ``filter``: ``read`` with the filter ``tcp port 80`` (every frame matches);
+- ``filter-columns``: ``columns`` with that filter (what ``pfdump tcp port 80`` costs).
 
 Run each mode under callgrind and subtract ``none``, then divide by the frame count: the
 tap's instructions per frame, to compare with what ``none`` spends on each frame above a
@@ -32,7 +33,7 @@ from pfsync.tap_service import MESSAGE_BYTES, _columns_message  # noqa: E402
 from pfsync.taps import Tap  # noqa: E402
 from pfsync.v1 import tap_pb2 as pb  # noqa: E402
 
-MODES = ("none", "drop", "read", "columns", "filter")
+MODES = ("none", "drop", "read", "columns", "filter", "filter-columns")
 
 
 async def read_all(tap: Tap, columns: bool) -> None:
@@ -56,9 +57,9 @@ async def replay(capture: Path, mode: str) -> int:
     node.taps.interface("pcap0")
     reader = None
     if mode != "none":
-        tap = node.taps.attach("pcap0", "tcp port 80" if mode == "filter" else "")
+        tap = node.taps.attach("pcap0", "tcp port 80" if mode.startswith("filter") else "")
         if mode != "drop":
-            reader = asyncio.create_task(read_all(tap, mode == "columns"))
+            reader = asyncio.create_task(read_all(tap, mode.endswith("columns")))
     source = node.start_replay(capture, 0)
     assert source.task is not None
     await source.task
