@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.bench_tap import make_capture  # noqa: E402
 from pfsync.node import Node, tune_gc  # noqa: E402
-from pfsync.tap_service import MESSAGE_BYTES, _columns_message  # noqa: E402
+from pfsync.tap_service import MESSAGE_BYTES, columns_message  # noqa: E402
 from pfsync.taps import Tap  # noqa: E402
 from pfsync.v1 import tap_pb2 as pb  # noqa: E402
 
@@ -44,7 +44,7 @@ async def read_all(tap: Tap, columns: bool) -> None:
             await tap.wake.wait()
         tap.wake.clear()
         if columns:
-            _columns_message(tap, 0.0)
+            columns_message(tap, 0.0)
         else:
             records, count = tap.take(0.0, MESSAGE_BYTES)
             pb.AttachResponse(records=records, frame_count=count)

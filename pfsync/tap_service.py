@@ -83,7 +83,7 @@ class TapService(tap_pb2_grpc.TapServiceServicer):
                 # One message at a time: while the client reads it, the node goes on
                 # filling the buffer (or dropping, when the client is slow).
                 if request.columns:
-                    yield _columns_message(tap, hub.wall_offset())
+                    yield columns_message(tap, hub.wall_offset())
                     continue
                 records, count = tap.take(hub.wall_offset(), MESSAGE_BYTES)
                 yield pb.AttachResponse(
@@ -115,7 +115,7 @@ class TapService(tap_pb2_grpc.TapServiceServicer):
         )
 
 
-def _columns_message(
+def columns_message(
     tap: Tap, wall_offset: float, max_bytes: int = MESSAGE_BYTES
 ) -> pb.AttachResponse:
     """The next frames of ``tap`` as FrameColumns (packed fields filled from lists)."""

@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from pfsync.pcap import read_capture
-from pfsync.tap_service import _columns_message
+from pfsync.tap_service import columns_message
 from pfsync.taps import Batch, FilterError, TapHub, compile_filter
 from pfsync.v1 import control_pb2 as pb
 from pfsync.v1 import control_pb2_grpc, sync_pb2, tap_pb2, tap_pb2_grpc
@@ -206,7 +206,7 @@ def test_columns_carry_what_records_carry() -> None:
     taken = 0
     for max_bytes in (len(FRAMES[0]), 1 << 20):  # a message ends with the frame that fills it
         records_blob, n = as_records.take(100.0, max_bytes)
-        message = _columns_message(as_columns, 100.0, max_bytes)
+        message = columns_message(as_columns, 100.0, max_bytes)
         assert message.frame_count == n == len(message.columns.node_times)
         assert records_of_columns(message.columns) == records_blob
         taken += n
