@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.bench_tap import make_capture  # noqa: E402
-from pfsync.node import Node, tune_gc  # noqa: E402
+from pfsync.node import Node, tune_process  # noqa: E402
 from pfsync.tap_service import MESSAGE_BYTES, columns_message  # noqa: E402
 from pfsync.taps import Tap  # noqa: E402
 from pfsync.v1 import tap_pb2 as pb  # noqa: E402
@@ -52,7 +52,7 @@ async def read_all(tap: Tap, columns: bool) -> None:
 
 
 async def replay(capture: Path, mode: str) -> int:
-    tune_gc()  # as pfsyncd runs
+    tune_process()  # as pfsyncd runs
     node = Node(0x1A2B3C4D, limit_states=1_000_000)
     node.taps.interface("pcap0")
     reader = None

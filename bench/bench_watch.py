@@ -29,7 +29,7 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pfsync.control import ControlService  # noqa: E402
-from pfsync.node import Node, tune_gc  # noqa: E402
+from pfsync.node import Node, tune_process  # noqa: E402
 from pfsync.v1 import control_pb2_grpc  # noqa: E402
 from tests.packets import udp  # noqa: E402
 
@@ -57,7 +57,7 @@ SLICE = 0.01
 
 
 async def run(rate: int, seconds: float) -> dict[str, float]:
-    tune_gc()  # as pfsyncd runs
+    tune_process()  # as pfsyncd runs
     node = Node(0x1A2B3C4D, limit_states=1_000_000)
     made = [0]
     node.add_consumer(lambda changes, now: made.__setitem__(0, made[0] + _events(changes)))

@@ -292,7 +292,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
         if node.inject_taps and pkts:
             tapped = Batch()
             for f, pkt in zip(request.frames, pkts, strict=True):
-                tapped.add(now, f.linktype, f.data, pkt)
+                tapped.add(now, (now, f.linktype, f.data), pkt)
             tapped.hand_over(node.inject_taps)
         # pfsync deferral holds the reply until peers acknowledged the new states.
         await node.settle()

@@ -35,7 +35,7 @@ from pfsync.logs import limit_grpc_call_errors
 from pfsync.metrics import registry_for, serve_metrics
 from pfsync.netif import local_networks, parse_networks
 from pfsync.netstat_nodes import add_sync_netstat_nodes
-from pfsync.node import Node, tune_gc
+from pfsync.node import Node, tune_process
 from pfsync.reflection import enable_reflection
 from pfsync.sync.engine import SyncEngine
 from pfsync.sync.peer import SERVER_OPTIONS, SyncDriver
@@ -582,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     limit_grpc_call_errors()  # a malformed request per call must not flood the log
-    tune_gc()
+    tune_process()
     try:
         return asyncio.run(
             serve(config, exit_after_replay, _reloader(args, config_file, sysctl_flags))

@@ -8,6 +8,7 @@ replay, live AF_PACKET capture). The gRPC servicers read and steer it.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import logging
 import time
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, cast
 from pfsync.netstat_nodes import PoolPeaks, add_interface_node, add_netstat_nodes
 from pfsync.pcap import CaptureError, read_capture
 from pfsync.sysctl import add_bpf_nodes, build_tree
-from pfsync.taps import INJECT_IF, Batch, Tap, TapHub
+from pfsync.taps import INJECT_IF, TAP_BATCH, Batch, Tap, TapHub
 from statetable import PASS, StateTable, TableConfig, decode_frame
 from statetable.decode import NOT_IP, Packet
 from statetable.mslt import Network
@@ -43,11 +44,25 @@ MALFORMED = 2
 # new UDP state costs ~6,400 instructions less (callgrind, 200,000 states: 23.09G -> 21.82G
 # for the whole run); garbage cycles (asyncio, gRPC) wait at most 50,000 allocations.
 GC_THRESHOLDS = (50_000, 20, 100)
+# glibc malloc for a node process: blocks up to MMAP_THRESHOLD come from the heap, and up
+# to TRIM_THRESHOLD of free memory at its top stays there. With glibc's defaults (128 KiB,
+# adjusted as blocks come and go) a serialized message of a few hundred KiB (a tap's
+# FrameColumns, a listing page, a sync batch) was often a fresh mmap or a fresh top of the
+# heap, its every page faulted in and given back after the send: serializing 200 KiB took
+# 297 us instead of 13 (BENCHMARKS.md, taps).
+MALLOC_MMAP_THRESHOLD = 4 << 20
+MALLOC_TRIM_THRESHOLD = 64 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt(3) parameters
 
 
-def tune_gc() -> None:
-    """Set a node process's garbage-collector thresholds (`GC_THRESHOLDS`)."""
+def tune_process() -> None:
+    """Tune a node process's memory management: the garbage collector's thresholds
+    (`GC_THRESHOLDS`) and, with glibc, malloc's (`MALLOC_MMAP_THRESHOLD`)."""
     gc.set_threshold(*GC_THRESHOLDS)
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # glibc only
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
+        mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD)
 
 
 def wire_text(text: str) -> str:
@@ -209,18 +224,19 @@ class Node:
     async def _replay(self, source: PacketSource, path: Path, speed: float) -> None:
         feed, clock, count, taps = self.feed_decoded, self.clock, self.count_frame, source.taps
         decode = decode_frame
-        # Frames for the taps, handed over before each await (pfsync.taps).
+        # Frames for the taps, handed over every TAP_BATCH and before each await (pfsync.taps).
         tapped = Batch()
-        add_time, add_linktype = tapped.times.append, tapped.linktypes.append
-        add_frame, add_proto, add_key = (
-            tapped.frames.append,
-            tapped.protos.append,
-            tapped.keys.append,
+        add_time, add_record, add_pkt = (
+            tapped.times.append,
+            tapped.records.append,
+            tapped.pkts.append,
         )
+        left = TAP_BATCH  # frames until the batch goes to the taps
         start = clock()
         first_ts: float | None = None
         try:
-            for ts, linktype, frame in read_capture(path):
+            for record in read_capture(path):
+                ts, linktype, frame = record
                 if speed > 0:
                     if first_ts is None:
                         first_ts = ts
@@ -238,14 +254,12 @@ class Node:
                 count(source, frame, feed(pkt, now))
                 if taps:  # an empty list while nobody taps: the only cost then
                     add_time(now)  # Batch.add, inlined
-                    add_linktype(linktype)
-                    add_frame(frame)
-                    if type(pkt) is tuple:
-                        add_proto(pkt[0])
-                        add_key(pkt[1])
-                    else:
-                        add_proto(0)
-                        add_key(None)
+                    add_record(record)
+                    add_pkt(pkt)
+                    left -= 1
+                    if not left:
+                        tapped.hand_over(taps)
+                        left = TAP_BATCH
         except CaptureError as exc:
             source.error = wire_text(str(exc))
             log.error("%s", exc)
@@ -270,11 +284,10 @@ class Node:
         loop = asyncio.get_running_loop()
         feed, clock, count, decode = self.feed_decoded, self.clock, self.count_frame, decode_frame
         tapped = Batch()  # this wake-up's frames for the taps
-        add_time, add_linktype = tapped.times.append, tapped.linktypes.append
-        add_frame, add_proto, add_key = (
-            tapped.frames.append,
-            tapped.protos.append,
-            tapped.keys.append,
+        add_time, add_record, add_pkt = (
+            tapped.times.append,
+            tapped.records.append,
+            tapped.pkts.append,
         )
 
         def readable() -> None:
@@ -288,21 +301,21 @@ class Node:
                 source.error, source.done = str(exc), True
                 log.error("%s; the node keeps running without it", exc)
                 return
-            for _ts, linktype, frame in frames:
+            left = TAP_BATCH  # frames until the batch goes to the taps
+            for record in frames:
+                _ts, linktype, frame = record
                 now = clock()
                 pkt = decode(frame, linktype)
                 count(source, frame, feed(pkt, now))
                 if taps:  # an empty list while nobody taps: the only cost then
                     add_time(now)  # Batch.add, inlined
-                    add_linktype(linktype)
-                    add_frame(frame)
-                    if type(pkt) is tuple:
-                        add_proto(pkt[0])
-                        add_key(pkt[1])
-                    else:
-                        add_proto(0)
-                        add_key(None)
-            if tapped.frames:
+                    add_record(record)
+                    add_pkt(pkt)
+                    left -= 1
+                    if not left:
+                        tapped.hand_over(taps)
+                        left = TAP_BATCH
+            if tapped.records:
                 tapped.hand_over(taps)
             source.kernel_drops = cap.stats().dropped
             if cap.link_went_down():

@@ -118,15 +118,37 @@ class TapService(tap_pb2_grpc.TapServiceServicer):
 def columns_message(
     tap: Tap, wall_offset: float, max_bytes: int = MESSAGE_BYTES
 ) -> pb.AttachResponse:
-    """The next frames of ``tap`` as FrameColumns (packed fields filled from lists)."""
-    times, lengths, caplens, linktypes, directions, data = tap.take_columns(max_bytes)
-    message = pb.AttachResponse(frame_count=len(times), counters=_counters(tap), tap_id=tap.tap_id)
-    columns = message.columns
-    columns.node_times.extend(times)
-    columns.wall_offset = wall_offset
-    columns.lengths.extend(lengths)
-    columns.caplens.extend(caplens)
-    columns.linktypes.extend(linktypes)
-    columns.directions.extend(directions)  # type: ignore[arg-type]  # TapDirection values
-    columns.data = data
+    """The next frames of ``tap`` as FrameColumns.
+
+    Each column is already on the wire form of its packed field (tap.proto says why), so
+    the fields are written as tag, length and bytes and parsed in one call: upb copies
+    them, where adding elements one by one cost ~1,000 instructions a frame.
+    """
+    columns = tap.take_columns(max_bytes)
+    parts: list[bytes] = []
+    for tag, raw in zip(_COLUMN_TAGS, columns, strict=True):
+        if raw:
+            parts += (tag, _varint(len(raw)), raw)
+    message = pb.AttachResponse(counters=_counters(tap), tap_id=tap.tap_id)
+    message.columns.MergeFromString(b"".join(parts))
+    message.columns.wall_offset = wall_offset
+    message.frame_count = len(message.columns.node_times)
     return message
+
+
+def _varint(value: int) -> bytes:
+    """``value`` as a protobuf varint."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+# Tags (field number, wire type 2: length-delimited) of the columns Tap.take_columns
+# returns, in its order, from the descriptor: tap.proto stays the one source.
+_COLUMN_TAGS = tuple(
+    _varint(pb.FrameColumns.DESCRIPTOR.fields_by_name[name].number << 3 | 2)
+    for name in ("node_times", "lengths", "caplens", "linktypes", "directions", "data")
+)

@@ -6,19 +6,19 @@ source holds on to (:meth:`TapHub.interface`). The list is empty while nobody ta
 the sources test it before doing anything (``if taps:``), so an untapped node pays one
 truth test per frame.
 
-While tapped, a source adds each frame, with the protocol and key the table's decoder
-found in it, to a :class:`Batch`, and hands the batch to every tap
-(:meth:`Batch.hand_over`) before it next awaits: once per replay batch, capture wake-up
-or Inject call. A batch and a tap's buffer hold their frames as columns, one list per
-field: the node's hot path pays a few list appends per frame, and the lists hold only
-floats, ints and bytes, which the garbage collector does not track (keeping a tuple per
-frame made it run every few hundred frames and walk the whole heap now and then:
-BENCHMARKS.md, taps).
+While tapped, a source adds each frame to a :class:`Batch`: when the node handled it, the
+record the source read (time, link type, bytes) and the packet the table's decoder made
+of it, three list appends of objects that exist anyway. It hands the batch to every tap
+(:meth:`Batch.hand_over`) every `TAP_BATCH` frames and before it next awaits.
 
-A :class:`Tap` is a bounded buffer: :meth:`Tap.put` counts, filters and appends a
-batch; what does not fit is dropped and counted (bpf's ``drop``) and the node goes on,
-whatever the reader does. The gRPC side (:mod:`pfsync.tap_service`) takes buffered
-frames and packs them into records.
+A :class:`Tap` is a bounded buffer, like bpf's store buffer: :meth:`Tap.put` counts,
+filters and copies a batch into a few flat arrays (times, lengths, link types,
+directions, the captured bytes); what does not fit is dropped and counted (bpf's
+``drop``) and the node goes on, whatever the reader does. Small batches and flat arrays
+keep the node's working set small: frames held as objects until a reader took them kept
+megabytes of the node's heap from reuse, and cache misses, not instructions, were most
+of what a tap cost (BENCHMARKS.md, taps). The gRPC side (:mod:`pfsync.tap_service`)
+sends the arrays as FrameColumns, or packs them into records.
 
 Filters are a tcpdump-like subset (tap.proto documents the language), compiled once per
 tap into one Python function over a batch's decoded packets, as bpf compiles its programs.
@@ -34,8 +34,9 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import accumulate, compress, islice, repeat
+from itertools import accumulate, compress
 
+from pfsync.pcap import Record
 from statetable.decode import NOT_IP, Packet
 
 # pcap's private link type that pfsync0 frames use (tap.proto says why).
@@ -44,6 +45,9 @@ PFSYNC_IF = "pfsync0"
 INJECT_IF = "inject"
 DIRECTION_NONE, DIRECTION_IN, DIRECTION_OUT = 0, 1, 2
 
+# Frames a source gathers before it hands them to its taps: few enough that they stay
+# in the CPU's cache until the taps copied them (see above).
+TAP_BATCH = 256
 BUFFER_DEFAULT = 4096
 BUFFER_MAX = 1 << 20
 SNAPLEN_MAX = 262144
@@ -51,8 +55,13 @@ SNAPLEN_MAX = 262144
 # One record's header in AttachResponse.records (tap.proto, "Frame records").
 RECORD = struct.Struct("<qIIHBx")
 
-# A compiled filter: select(protos, keys), does each frame match? (see Batch)
-Select = Callable[[list[int], list[bytes | None]], list[bool]]
+# FrameColumns' columns as on the wire (tap.proto): node times (float64), lengths,
+# captured lengths and link types (uint32), as little-endian arrays; directions, a byte
+# each; and the frames' captured bytes, one after the other.
+Columns = tuple[bytes, bytes, bytes, bytes, bytes, bytes]
+
+# A compiled filter: select(pkts), does each frame match? (see Batch)
+Select = Callable[[list[Packet | int]], list[bool]]
 
 
 class FilterError(ValueError):
@@ -61,16 +70,17 @@ class FilterError(ValueError):
 
 # --- the filter language ---------------------------------------------------------------
 
-# The filter becomes the source of one function that tests each frame of a batch by its
-# protocol and statetable.keys key: src address, dst address, src port, dst port, so an
-# IPv4 key is 12 bytes and an IPv6 key 36, and the ports are its last 4 bytes; None for a
-# frame the decoder did not make a packet of. One comprehension costs a sixth of calling
-# a tree of closures per frame, and ports are compared byte by byte because a slice makes
-# a new bytes object (BENCHMARKS.md, taps). Only the parser's own snippets and repr() of
-# the numbers and bytes it parsed go into the source.
+# The filter becomes the source of one function that tests each frame of a batch by the
+# packet decode_frame made of it (an int for a frame it made none of): p[0] its protocol,
+# p[1] its statetable.keys key: src address, dst address, src port, dst port, so an IPv4
+# key is 12 bytes and an IPv6 key 36, and the ports are its last 4 bytes. One
+# comprehension costs a sixth of calling a tree of closures per frame, and ports are
+# compared byte by byte because a slice makes a new bytes object (BENCHMARKS.md, taps).
+# Only the parser's own snippets and repr() of the numbers and bytes it parsed go into
+# the source.
 _TEMPLATE = """\
-def select(protos, keys):
-    return [key is not None and {} for proto, key in zip(protos, keys)]
+def select(pkts):
+    return [type(p) is tuple and {} for p in pkts]
 """
 _PROTOS = {"tcp": 6, "udp": 17, "icmp": 1, "icmp6": 58}
 _KEY_LEN = {4: 12, 16: 36}  # key length by address length
@@ -78,15 +88,16 @@ _TOKEN = re.compile(r"\(|\)|&&|\|\||!|[^\s()!]+")
 
 
 def compile_filter(text: str) -> Select | None:
-    """``select(protos, keys)``: for each frame (its protocol and key, as :class:`Batch`
-    holds them), does it match the filter? None for the empty filter. A frame that is not
-    IP (or too broken to decode) matches no filter, not even ``not tcp``."""
+    """``select(pkts)``: for each frame (what ``decode_frame`` made of it, as
+    :class:`Batch` holds them), does it match the filter? None for the empty filter. A
+    frame that is not IP (or too broken to decode) matches no filter, not even
+    ``not tcp``."""
     tokens = _TOKEN.findall(text)
     if not tokens:
         return None
     parser = _Parser(tokens)
     namespace: dict[str, Select] = {}
-    builtins = {"zip": zip, "len": len, "int": int}
+    builtins = {"type": type, "tuple": tuple, "len": len, "int": int}
     try:
         source = parser.expr()
         if parser.pos != len(tokens):
@@ -146,9 +157,9 @@ class _Parser:
     def primitive(self) -> str:
         word = self.take("a primitive").lower()
         if word in _PROTOS:
-            return f"proto == {_PROTOS[word]}"
+            return f"p[0] == {_PROTOS[word]}"
         if word in ("ip", "ip6"):
-            return f"len(key) == {_KEY_LEN[4 if word == 'ip' else 16]}"
+            return f"len(p[1]) == {_KEY_LEN[4 if word == 'ip' else 16]}"
         side = ""
         if word in ("src", "dst"):
             side, word = word, self.take("host, net or port").lower()
@@ -166,8 +177,8 @@ class _Parser:
                 raise FilterError(f"filter: port {text[:20]!r} is not 0..65535")
             hi, lo = divmod(int(text), 256)
             tests = {
-                "src": f"(key[-4] == {hi} and key[-3] == {lo})",
-                "dst": f"(key[-2] == {hi} and key[-1] == {lo})",
+                "src": f"(p[1][-4] == {hi} and p[1][-3] == {lo})",
+                "dst": f"(p[1][-2] == {hi} and p[1][-1] == {lo})",
             }
             return tests[side] if side else f"({tests['src']} or {tests['dst']})"
         raise FilterError(f"filter: unknown primitive {word[:20]!r}")
@@ -190,12 +201,12 @@ class _Parser:
 def _either(side: str, test: Callable[[str], str], size: int) -> str:
     """``test`` of the source address, the destination address (``side``) or either, on
     keys of the family whose addresses are ``size`` bytes."""
-    src, dst = f"key[:{size}]", f"key[{size}:{2 * size}]"
+    src, dst = f"p[1][:{size}]", f"p[1][{size}:{2 * size}]"
     if side:
         tested = test(src if side == "src" else dst)
     else:
         tested = f"({test(src)} or {test(dst)})"
-    return f"(len(key) == {_KEY_LEN[size]} and {tested})"
+    return f"(len(p[1]) == {_KEY_LEN[size]} and {tested})"
 
 
 # --- taps --------------------------------------------------------------------------------
@@ -208,39 +219,27 @@ class Batch:
     what goes in); :meth:`hand_over` empties the lists in place.
     """
 
-    __slots__ = ("times", "linktypes", "frames", "protos", "keys", "direction")
+    __slots__ = ("times", "records", "pkts", "direction")
 
     def __init__(self, direction: int = DIRECTION_NONE) -> None:
         self.times: list[float] = []  # node clock when the frame was handled
-        self.linktypes: list[int] = []
-        self.frames: list[bytes] = []
-        # For filters, from decode_frame's packet: its protocol and key; 0 and None for a
-        # frame that is not IP or too broken to decode.
-        self.protos: list[int] = []
-        self.keys: list[bytes | None] = []
+        self.records: list[Record] = []  # as the source read it: time, link type, bytes
+        self.pkts: list[Packet | int] = []  # what decode_frame made of it, for filters
         self.direction = direction  # of every frame in the batch
 
-    def add(self, now: float, linktype: int, frame: bytes, pkt: Packet | int) -> None:
+    def add(self, now: float, record: Record, pkt: Packet | int) -> None:
         """Add one frame and what ``decode_frame`` made of it (the hot loops inline this)."""
         self.times.append(now)
-        self.linktypes.append(linktype)
-        self.frames.append(frame)
-        if type(pkt) is tuple:
-            self.protos.append(pkt[0])
-            self.keys.append(pkt[1])
-        else:
-            self.protos.append(0)
-            self.keys.append(None)
+        self.records.append(record)
+        self.pkts.append(pkt)
 
     def hand_over(self, taps: list[Tap]) -> None:
         """Give the frames to each of ``taps``, then empty the batch."""
         for tap in taps:
             tap.put(self)
         self.times.clear()
-        self.linktypes.clear()
-        self.frames.clear()
-        self.protos.clear()
-        self.keys.clear()
+        self.records.clear()
+        self.pkts.clear()
 
 
 class Tap:
@@ -256,10 +255,9 @@ class Tap:
         "pid",
         "command",
         "peer",
-        "times",
-        "linktypes",
-        "frames",
-        "directions",
+        "chunks",
+        "buffered",
+        "buffered_bytes",
         "wake",
         "received",
         "captured",
@@ -289,11 +287,11 @@ class Tap:
         self.pid = pid
         self.command = command
         self.peer = peer
-        # The buffer, oldest first, as Batch's columns (with a direction per frame).
-        self.times: list[float] = []
-        self.linktypes: list[int] = []
-        self.frames: list[bytes] = []
-        self.directions: list[int] = []
+        # The buffer, oldest first: a Columns chunk per put, joined when a reader takes
+        # them (a growing array was copied at each of its reallocations).
+        self.chunks: list[Columns] = []
+        self.buffered = 0  # frames in the buffer
+        self.buffered_bytes = 0  # their captured bytes
         self.wake = asyncio.Event()
         self.received = self.captured = self.dropped = 0
         self.waiting = False  # the reader waits for frames (bpf's W state)
@@ -301,80 +299,95 @@ class Tap:
 
     def put(self, batch: Batch) -> None:
         """Offer a batch: count, filter, buffer what fits, count the rest as dropped."""
-        times, linktypes, frames = batch.times, batch.linktypes, batch.frames
-        protos, keys = batch.protos, batch.keys
+        times, records = batch.times, batch.records
         if times and times[0] < self.since:  # attached in the middle of this batch
             cut = bisect_left(times, self.since)
-            times, linktypes, frames = times[cut:], linktypes[cut:], frames[cut:]
-            protos, keys = protos[cut:], keys[cut:]
-        self.received += len(frames)
+            times, records = times[cut:], records[cut:]
+            pkts = batch.pkts[cut:]
+        else:
+            pkts = batch.pkts
+        self.received += len(records)
         if self.select is not None:
-            keep = self.select(protos, keys)
-            times = list(compress(times, keep))
-            linktypes = list(compress(linktypes, keep))
-            frames = list(compress(frames, keep))
-        n = len(frames)
+            keep = self.select(pkts)
+            times, records = list(compress(times, keep)), list(compress(records, keep))
+        n = len(records)
         self.captured += n
-        room = self.buffer_frames - len(self.frames)
+        room = self.buffer_frames - self.buffered
         if n > room:
             self.dropped += n - room
             n = room
-            times, linktypes, frames = times[:n], linktypes[:n], frames[:n]
-        if n:
-            if not self.frames:
-                self.wake.set()
-            self.times += times
-            self.linktypes += linktypes
-            self.frames += frames
-            self.directions += repeat(batch.direction, n)
-
-    def _take(self, max_bytes: int) -> tuple[list[float], list[int], list[bytes], list[int]]:
-        """The oldest buffered frames, up to about ``max_bytes``, as columns: times,
-        linktypes, frames (whole), directions; removed from the buffer."""
-        # Up to the frame that reaches max_bytes; a header alone is RECORD.size bytes, so
-        # no more frames are looked at than that many headers would fill.
-        ends = list(accumulate(map(len, islice(self.frames, max_bytes // RECORD.size))))
-        n = min(bisect_left(ends, max_bytes) + 1, len(ends))
-        taken = self.times[:n], self.linktypes[:n], self.frames[:n], self.directions[:n]
-        del self.times[:n], self.linktypes[:n], self.frames[:n], self.directions[:n]
-        return taken
-
-    def take_columns(
-        self, max_bytes: int
-    ) -> tuple[list[float], list[int], list[int], list[int], list[int], bytes]:
-        """Buffered frames as tap.proto's FrameColumns: node times, lengths, captured
-        lengths, linktypes, directions and the captured bytes joined. Only C loops
-        (map, join) touch each frame: no header to pack."""
-        times, linktypes, frames, directions = self._take(max_bytes)
-        lengths = list(map(len, frames))
-        caplens = lengths
-        if lengths and max(lengths) > self.snaplen:
+            times, records = times[:n], records[:n]
+        if not n:
+            return
+        if not self.buffered:
+            self.wake.set()
+        _, linktypes, frames = zip(*records, strict=True)
+        lengths = caplens = struct.pack(f"<{n}I", *map(len, frames))
+        if max(map(len, frames)) > self.snaplen:  # bpf keeps snaplen bytes at capture
             snaplen = self.snaplen
-            frames = [frame[:snaplen] for frame in frames]
-            caplens = list(map(len, frames))
-        return times, lengths, caplens, linktypes, directions, b"".join(frames)
+            frames = tuple(frame[:snaplen] for frame in frames)
+            caplens = struct.pack(f"<{n}I", *map(len, frames))
+        data = b"".join(frames)
+        self.chunks.append(
+            (
+                struct.pack(f"<{n}d", *times),
+                lengths,
+                caplens,
+                struct.pack(f"<{n}I", *linktypes),
+                bytes((batch.direction,)) * n,
+                data,
+            )
+        )
+        self.buffered += n
+        self.buffered_bytes += len(data)
+
+    def take_columns(self, max_bytes: int) -> Columns:
+        """The oldest buffered frames as tap.proto's FrameColumns columns (see `Columns`),
+        up to the frame whose captured bytes reach ``max_bytes``; removed from the
+        buffer. Only joins, unless the buffer holds more than that."""
+        # A header alone is RECORD.size bytes, so no more frames go than that many
+        # headers would fill.
+        limit = max_bytes // RECORD.size
+        if not self.chunks:
+            return b"", b"", b"", b"", b"", b""
+        joined = [b"".join(column) for column in zip(*self.chunks, strict=True)]
+        self.chunks.clear()
+        times, lengths, caplens, linktypes, directions, data = joined
+        n, size = self.buffered, self.buffered_bytes
+        if size > max_bytes or n > limit:  # a backlog: take a message's worth
+            ends = list(accumulate(struct.unpack(f"<{min(n, limit)}I", caplens[: 4 * limit])))
+            n = min(bisect_left(ends, max_bytes) + 1, len(ends))
+            size = ends[n - 1]
+            rest = (times[8 * n :], lengths[4 * n :], caplens[4 * n :], linktypes[4 * n :])
+            self.chunks.append((*rest, directions[n:], data[size:]))
+            times, lengths, caplens = times[: 8 * n], lengths[: 4 * n], caplens[: 4 * n]
+            linktypes, directions, data = linktypes[: 4 * n], directions[:n], data[:size]
+        self.buffered -= n
+        self.buffered_bytes -= size
+        return times, lengths, caplens, linktypes, directions, data
 
     def take(self, wall_offset: float, max_bytes: int) -> tuple[bytes, int]:
         """Pack buffered frames into records, up to about ``max_bytes``: (records, count)."""
-        times, linktypes, frames, directions = self._take(max_bytes)
+        times, lengths, caplens, linktypes, directions, data = self.take_columns(max_bytes)
+        n = len(directions)
+        columns = zip(
+            struct.unpack(f"<{n}d", times),
+            struct.unpack(f"<{n}I", lengths),
+            struct.unpack(f"<{n}I", caplens),
+            struct.unpack(f"<{n}I", linktypes),
+            directions,
+            strict=True,
+        )
         # Plain and flat: this runs once per frame on the node's loop. It beat packing
         # whole columns with map(RECORD.pack, ...) (BENCHMARKS.md, taps).
-        snaplen, pack = self.snaplen, RECORD.pack
+        pack, pos = RECORD.pack, 0
         parts: list[bytes] = []
         append = parts.append
-        columns = zip(times, linktypes, frames, directions, strict=True)
-        for now, linktype, frame, direction in columns:
-            length = len(frame)
-            if length > snaplen:
-                frame = frame[:snaplen]
-            append(pack(int((now + wall_offset) * 1e9), length, len(frame), linktype, direction))
-            append(frame)
-        return b"".join(parts), len(frames)
-
-    @property
-    def buffered(self) -> int:
-        """Frames waiting in the buffer."""
-        return len(self.frames)
+        for now, length, caplen, linktype, direction in columns:
+            append(pack(int((now + wall_offset) * 1e9), length, caplen, linktype, direction))
+            append(data[pos : pos + caplen])
+            pos += caplen
+        return b"".join(parts), n
 
     @property
     def flags(self) -> str:
@@ -482,7 +495,8 @@ class TapHub:
     def put_sync_frame(self, frame: bytes, outgoing: bool) -> None:
         """A serialized SyncFrame went to (or came from) a peer: hand it to pfsync0's taps."""
         batch = Batch(DIRECTION_OUT if outgoing else DIRECTION_IN)
-        batch.add(self.clock(), LINKTYPE_USER0, frame, NOT_IP)
+        now = self.clock()
+        batch.add(now, (now, LINKTYPE_USER0, frame), NOT_IP)
         batch.hand_over(self._interfaces.get(PFSYNC_IF, []))
 
     # ---- sysctl views ------------------------------------------------------------------

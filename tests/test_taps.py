@@ -175,14 +175,14 @@ def test_a_tap_takes_batches_from_its_attach_on() -> None:
     taps = hub.interface("pcap0")
     tap = hub.attach("pcap0", "not udp", buffer_frames=3, snaplen=40)
     batch = Batch()
-    batch.add(9.5, 1, FRAMES[0], decode_frame(FRAMES[0], 1))  # before the attach
+    batch.add(9.5, (9.5, 1, FRAMES[0]), decode_frame(FRAMES[0], 1))  # before the attach
     for i, frame in enumerate([*FRAMES, b"\xff" * 20]):  # the last one is not IP
-        batch.add(10.0 + i, 1, frame, decode_frame(frame, 1))
+        batch.add(10.0 + i, (10.0 + i, 1, frame), decode_frame(frame, 1))
     batch.hand_over(taps)
-    assert batch.frames == []
+    assert batch.records == []
     # 6 frames since the attach; UDP and the non-IP frame do not match; 1 of 4 is dropped.
     assert (tap.received, tap.captured, tap.dropped, tap.buffered) == (6, 4, 1, 3)
-    first, n = tap.take(100.0, len(FRAMES[0]))  # a message ends with the frame that fills it
+    first, n = tap.take(100.0, 40)  # a message ends with the frame whose bytes fill it
     second, m = tap.take(100.0, 1 << 20)
     assert (n, m, tap.buffered) == (1, 2, 0)
     got = [(r.time_ns, r.length, r.data) for r in records(first + second)]
@@ -201,10 +201,10 @@ def test_columns_carry_what_records_carry() -> None:
     as_columns = hub.attach("pcap0", snaplen=40)
     batch = Batch()
     for i, frame in enumerate([*FRAMES, b"\xff" * 20]):
-        batch.add(10.0 + i / 3, 1, frame, decode_frame(frame, 1))
+        batch.add(10.0 + i / 3, (0.0, 1, frame), decode_frame(frame, 1))
     batch.hand_over(taps)
     taken = 0
-    for max_bytes in (len(FRAMES[0]), 1 << 20):  # a message ends with the frame that fills it
+    for max_bytes in (40, 1 << 20):  # a message ends with the frame whose bytes fill it
         records_blob, n = as_records.take(100.0, max_bytes)
         message = columns_message(as_columns, 100.0, max_bytes)
         assert message.frame_count == n == len(message.columns.node_times)
@@ -351,10 +351,8 @@ def test_filter_language() -> None:
     }
     for text, expected in cases.items():
         select = compile_filter(text)
-        batch = Batch()
-        for frame in FRAMES:
-            batch.add(0.0, 1, frame, decode_frame(frame, 1))
-        got = [True] * len(FRAMES) if select is None else select(batch.protos, batch.keys)
+        pkts = [decode_frame(frame, 1) for frame in FRAMES]
+        got = [True] * len(FRAMES) if select is None else select(pkts)
         assert got == expected, text
     deep = ("(" * 400 + "tcp" + ")" * 400, "not " * 400 + "tcp")
     for bad in ("port", "tcp and", "(tcp", "tcp )", "host 1.2.3", "frob", "port -1", *deep):
