@@ -15,7 +15,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from pfsync.admin import require_admin
 from pfsync.listing import YIELD_CHECK, Lease, ListingGate
-from pfsync.node import MALFORMED, Node
+from pfsync.node import MALFORMED, SHUTTING_DOWN, Node
 from pfsync.state_pb import IPPROTO_TCP, EventHeads, fill_event, fill_state, fill_vestigial
 from pfsync.sync.engine import PeerLink
 from pfsync.taps import Batch
@@ -370,6 +370,8 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             raise
         node, hub = self.node, self.watches
+        if hub.closing:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         hub.attach(watcher)
         try:
             yield pb.WatchStatesResponse()
@@ -377,6 +379,8 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
                 if not watcher.queue and not watcher.missed:
                     await watcher.wake.wait()
                 watcher.wake.clear()
+                if hub.closing:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
                 batch, missed = watcher.take(CHUNK)
                 heads = EventHeads(time.time() - node.clock())
                 response = pb.WatchStatesResponse(missed=missed)

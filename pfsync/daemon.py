@@ -450,6 +450,9 @@ async def serve(
         await driver.stop()
     if sync_server is not None:
         await sync_server.stop(0.5)
+    # Long-lived streams end with a status first; the grace period lets them send it.
+    node.taps.close()
+    control.watches.close()
     await server.stop(1.0)
     failed = [s for s in node.sources if s.error]
     return 1 if failed else 0

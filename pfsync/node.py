@@ -35,6 +35,8 @@ log = logging.getLogger("pfsyncd")
 # wait only milliseconds.
 REPLAY_BATCH = 4096
 PURGE_PERIOD = 1.0
+# The status details of a long-lived API stream (taps, watchers) the node ends as it stops.
+SHUTTING_DOWN = "the node is shutting down"
 # Node.feed's verdict for a frame too broken to track (counted short/bad-offset/fragment).
 MALFORMED = 2
 # The cyclic garbage collector's thresholds for a node process (CPython's are 700, 10, 10).

@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 
 from pfsync.admin import require_admin
+from pfsync.node import SHUTTING_DOWN
 from pfsync.taps import BUFFER_DEFAULT, BUFFER_MAX, SNAPLEN_MAX, FilterError, Tap, TapHub
 from pfsync.v1 import tap_pb2 as pb
 from pfsync.v1 import tap_pb2_grpc
@@ -53,6 +54,8 @@ class TapService(tap_pb2_grpc.TapServiceServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"snaplen: want 1 to {SNAPLEN_MAX}"
             )
+        if hub.closing:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         if request.interface not in hub.names():
             shown = request.interface[:64]
             await context.abort(
@@ -80,6 +83,8 @@ class TapService(tap_pb2_grpc.TapServiceServicer):
                     await tap.wake.wait()
                     tap.waiting = False
                 tap.wake.clear()
+                if hub.closing:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
                 # One message at a time: while the client reads it, the node goes on
                 # filling the buffer (or dropping, when the client is slow).
                 if request.columns:

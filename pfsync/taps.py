@@ -417,6 +417,14 @@ class TapHub:
         self._closed = TapTotals()
         # Called with True when the first pfsync0 tap attaches, False when the last leaves.
         self.on_sync_tapped: Callable[[bool], None] | None = None
+        self.closing = False  # the node stops: every tap's stream ends
+
+    def close(self) -> None:
+        """The node stops: wake every tap's reader, whose stream then ends (a stream the
+        server cancelled instead makes grpc print a traceback)."""
+        self.closing = True
+        for tap in self.taps.values():
+            tap.wake.set()
 
     def interface(self, name: str) -> list[Tap]:
         """The list of taps on ``name``, made known if new; a source keeps this list."""

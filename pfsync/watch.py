@@ -142,6 +142,14 @@ class WatchHub:
         self._add, self._remove, self._publish = add, remove, publish
         self.watchers: list[Watcher] = []
         self._ticker: asyncio.Task[None] | None = None
+        self.closing = False  # the node stops: every watcher's stream ends
+
+    def close(self) -> None:
+        """The node stops: wake every watcher, whose stream then ends (a stream the
+        server cancelled instead makes grpc print a traceback)."""
+        self.closing = True
+        for watcher in self.watchers:
+            watcher.wake.set()
 
     def attach(self, watcher: Watcher) -> None:
         """Start handing changes to ``watcher``."""

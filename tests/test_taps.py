@@ -288,6 +288,27 @@ def test_pfsync0_frames_are_sync_frames(tmp_path: Path) -> None:
         stop(a)
 
 
+def test_streams_end_in_one_line_when_the_node_stops() -> None:
+    """SIGTERM while a pfdump and a pfwatch are attached: each stream ends with UNAVAILABLE
+    (the tools exit 1 with one line saying why), and the node exits 0 without a traceback
+    (grpc prints one for a stream it has to cancel at shutdown)."""
+    proc, addr = start_node("--sync-listen", "")
+    tools = [start_tool("pfdump", addr, "-i", "inject"), start_tool("pfwatch", addr)]
+    for started in tools:
+        assert started.stderr is not None
+        line = started.stderr.readline()  # "listening on ..." / "watching ..."
+        assert "listening" in line or "watching" in line, line
+    proc.terminate()
+    assert proc.wait(15) == 0
+    assert proc.stderr is not None
+    log = proc.stderr.read()
+    assert "Traceback" not in log and "CancelledError" not in log, log
+    for ended in tools:
+        _, err = ended.communicate(timeout=30)
+        assert ended.returncode == 1, err
+        assert err.strip().count("\n") == 0 and "the node is shutting down" in err, err
+
+
 def test_admin_only_and_one_line_failures(tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("s3cret\n")
