@@ -39,6 +39,7 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.workload import established, handshake  # noqa: E402
+from pfsync.logs import limit_grpc_call_errors  # noqa: E402
 from pfsync.node import REPLAY_BATCH, Node, tune_process  # noqa: E402
 from pfsync.pcap import PcapWriter  # noqa: E402
 from pfsync.tap_service import TapService  # noqa: E402
@@ -71,6 +72,7 @@ async def interleaved(
     """Replay ``capture`` with a pfdump attached, the tap switched on and off every
     ``phase`` replay batches; the phases and the tap's counters."""
     tune_process()  # as pfsyncd runs
+    limit_grpc_call_errors()
     node = Node(0x1A2B3C4D, limit_states=1_000_000)
     taps = node.taps.interface("pcap0")  # so pfdump can attach before the replay starts
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
