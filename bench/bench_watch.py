@@ -54,6 +54,9 @@ print(json.dumps({"got": got, "missed": missed, "last": last}), flush=True)
 """
 
 SLICE = 0.01
+# The node on one CPU, the watcher on the other, as bench_tap runs them: the rate then
+# shows the node's own work, not the CPU a client on the same core takes from it.
+NODE_CPU, WATCHER_CPU = 1, 0
 
 
 async def run(rate: int, seconds: float) -> dict[str, float]:
@@ -69,7 +72,8 @@ async def run(rate: int, seconds: float) -> dict[str, float]:
     per_flow = _events_per_flow()
     want = int(rate * seconds) // per_flow * per_flow
     watcher = subprocess.Popen(  # started first: building the frames takes a while
-        [sys.executable, "-c", WATCHER, f"127.0.0.1:{port}", str(want)],
+        ["taskset", "-c", str(WATCHER_CPU), sys.executable, "-c", WATCHER]
+        + [f"127.0.0.1:{port}", str(want)],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -134,6 +138,7 @@ def _events_per_flow() -> int:
 
 
 def main() -> None:
+    os.sched_setaffinity(0, {NODE_CPU})
     rate = int(sys.argv[1]) if len(sys.argv) > 1 else 50_000
     seconds = float(sys.argv[2]) if len(sys.argv) > 2 else 4.0
     r = asyncio.run(run(rate, seconds))
