@@ -347,7 +347,7 @@ class Tap:
         buffer. Only joins, unless the buffer holds more than that."""
         # A header alone is RECORD.size bytes, so no more frames go than that many
         # headers would fill.
-        limit = max_bytes // RECORD.size
+        limit = max(1, max_bytes // RECORD.size)
         if not self.chunks:
             return b"", b"", b"", b"", b"", b""
         joined = [b"".join(column) for column in zip(*self.chunks, strict=True)]
