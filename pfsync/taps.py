@@ -32,6 +32,7 @@ import re
 import struct
 import time
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate, compress
@@ -289,7 +290,7 @@ class Tap:
         self.peer = peer
         # The buffer, oldest first: a Columns chunk per put, joined when a reader takes
         # them (a growing array was copied at each of its reallocations).
-        self.chunks: list[Columns] = []
+        self.chunks: deque[Columns] = deque()
         self.buffered = 0  # frames in the buffer
         self.buffered_bytes = 0  # their captured bytes
         self.wake = asyncio.Event()
@@ -344,26 +345,45 @@ class Tap:
     def take_columns(self, max_bytes: int) -> Columns:
         """The oldest buffered frames as tap.proto's FrameColumns columns (see `Columns`),
         up to the frame whose captured bytes reach ``max_bytes``; removed from the
-        buffer. Only joins, unless the buffer holds more than that."""
+        buffer. Whole chunks are joined; only the last one taken may be split, so a long
+        backlog is not copied for each message."""
         # A header alone is RECORD.size bytes, so no more frames go than that many
         # headers would fill.
         limit = max(1, max_bytes // RECORD.size)
-        if not self.chunks:
-            return b"", b"", b"", b"", b"", b""
-        joined = [b"".join(column) for column in zip(*self.chunks, strict=True)]
-        self.chunks.clear()
-        times, lengths, caplens, linktypes, directions, data = joined
-        n, size = self.buffered, self.buffered_bytes
-        if size > max_bytes or n > limit:  # a backlog: take a message's worth
-            ends = list(accumulate(struct.unpack(f"<{min(n, limit)}I", caplens[: 4 * limit])))
-            n = min(bisect_left(ends, max_bytes) + 1, len(ends))
-            size = ends[n - 1]
-            rest = (times[8 * n :], lengths[4 * n :], caplens[4 * n :], linktypes[4 * n :])
-            self.chunks.append((*rest, directions[n:], data[size:]))
-            times, lengths, caplens = times[: 8 * n], lengths[: 4 * n], caplens[: 4 * n]
-            linktypes, directions, data = linktypes[: 4 * n], directions[:n], data[:size]
+        taken: list[Columns] = []
+        n = size = 0
+        while self.chunks and n < limit and size < max_bytes:
+            chunk = self.chunks.popleft()
+            taken.append(chunk)
+            n, size = n + len(chunk[4]), size + len(chunk[5])
+        if n > limit or size > max_bytes:  # the last chunk goes in part
+            last = taken.pop()
+            n, size = n - len(last[4]), size - len(last[5])
+            room = min(len(last[4]), limit - n)
+            ends = list(accumulate(struct.unpack(f"<{room}I", last[2][: 4 * room])))
+            m = min(bisect_left(ends, max_bytes - size) + 1, room)
+            cut = ends[m - 1]
+            times, lengths, caplens, linktypes, directions, data = last
+            taken.append(
+                (
+                    times[: 8 * m],
+                    lengths[: 4 * m],
+                    caplens[: 4 * m],
+                    linktypes[: 4 * m],
+                    directions[:m],
+                    data[:cut],
+                )
+            )
+            rest = (times[8 * m :], lengths[4 * m :], caplens[4 * m :], linktypes[4 * m :])
+            self.chunks.appendleft((*rest, directions[m:], data[cut:]))
+            n, size = n + m, size + cut
         self.buffered -= n
         self.buffered_bytes -= size
+        if not taken:
+            return b"", b"", b"", b"", b"", b""
+        times, lengths, caplens, linktypes, directions, data = (
+            b"".join(column) for column in zip(*taken, strict=True)
+        )
         return times, lengths, caplens, linktypes, directions, data
 
     def take(self, wall_offset: float, max_bytes: int) -> tuple[bytes, int]:

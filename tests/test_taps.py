@@ -191,6 +191,33 @@ def test_a_tap_takes_batches_from_its_attach_on() -> None:
     assert tap.take(100.0, 1 << 20) == (b"", 0)
 
 
+def test_messages_cross_batches_in_order() -> None:
+    """Frames buffered from several batches come out in order, each message ending with the
+    frame whose captured bytes reach the message size, whichever batch that frame is in."""
+    hub = TapHub(clock=lambda: 10.0)
+    taps = hub.interface("pcap0")
+    tap = hub.attach("pcap0", buffer_frames=1000)
+    sent = []
+    for b in range(4):
+        batch = Batch()
+        for i in range(7):
+            frame, now = FRAMES[(b + i) % len(FRAMES)], 10.0 + b + i / 10
+            batch.add(now, (now, 1, frame), decode_frame(frame, 1))
+            sent.append((int(now * 1e9), frame))
+        batch.hand_over(taps)
+    max_bytes = 3 * len(FRAMES[0]) + 1
+    got, sizes = [], []
+    while tap.buffered:
+        blob, n = tap.take(0.0, max_bytes)
+        taken = list(records(blob))
+        assert len(taken) == n >= 1
+        sizes.append([len(r.data) for r in taken])
+        got += [(r.time_ns, r.data) for r in taken]
+    assert got == sent
+    assert all(sum(s[:-1]) < max_bytes <= sum(s) for s in sizes[:-1])
+    assert tap.buffered_bytes == 0 and tap.take(0.0, max_bytes) == (b"", 0)
+
+
 def test_columns_carry_what_records_carry() -> None:
     """The same frames, taken as records by one tap and as FrameColumns by another (the
     form pfdump asks for), give the same records once the client packs the columns,
