@@ -323,8 +323,9 @@ class Tap:
         if not self.buffered:
             self.wake.set()
         _, linktypes, frames = zip(*records, strict=True)
-        lengths = caplens = struct.pack(f"<{n}I", *map(len, frames))
-        if max(map(len, frames)) > self.snaplen:  # bpf keeps snaplen bytes at capture
+        sizes = list(map(len, frames))
+        lengths = caplens = struct.pack(f"<{n}I", *sizes)
+        if max(sizes) > self.snaplen:  # bpf keeps snaplen bytes at capture
             snaplen = self.snaplen
             frames = tuple(frame[:snaplen] for frame in frames)
             caplens = struct.pack(f"<{n}I", *map(len, frames))
